@@ -1,0 +1,36 @@
+"""The shared algorithm core: advantages, losses, KL estimators, aggregation and token log-probs.
+
+Pure functions on tensors, no configuration objects; every method composes them in its
+``training_step``. The numbers they produce are pinned down by hand-worked tests.
+"""
+
+from vlrl.algorithms.advantages import gae, group_advantages, kl_in_reward, normalize_advantages
+from vlrl.algorithms.logprobs import token_logprobs
+from vlrl.algorithms.losses import (
+    AggregationMode,
+    PolicyLossOutput,
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    value_clip_fraction,
+    value_loss,
+)
+
+__all__ = [
+    "AggregationMode",
+    "PolicyLossOutput",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "kl_in_reward",
+    "kl_penalty",
+    "masked_mean",
+    "normalize_advantages",
+    "policy_loss",
+    "token_logprobs",
+    "value_clip_fraction",
+    "value_loss",
+]

@@ -1,0 +1,297 @@
+"""Per-token losses, KL estimators and loss aggregation.
+
+Every loss here returns an un-aggregated ``[N, T]`` tensor (0 on padding); ``aggregate_loss`` turns
+it into the scalar that is back-propagated. Keeping the two apart lets one aggregation rule serve
+the policy loss, the value loss and the KL term, and makes the gradient-accumulation arithmetic
+explicit in a single place.
+
+Conventions: ``N`` samples, ``T`` response tokens (right-padded); ``mask`` is 1 on trained tokens
+and 0 elsewhere (float or bool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+# Log-ratios are clamped to this range before ``exp`` so a stale or replayed sample cannot overflow
+# the ratio to ``inf`` (e^20 ≈ 4.9e8 is already far outside any clip range).
+_MAX_LOG_RATIO = 20.0
+
+AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is non-zero.
+
+    Args:
+        x: Values, any shape.
+        mask: Same shape as ``x``; 1 (or a positive weight) where ``x`` counts, 0 elsewhere.
+        dim: Reduce over this dimension only; ``None`` reduces over everything.
+
+    Returns:
+        The masked mean (a scalar, or ``x`` with ``dim`` removed). An empty mask gives 0, not NaN.
+    """
+    mask = mask.to(x.dtype)
+    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    # Where the mask is empty the numerator is exactly 0, so dividing by a tiny count yields 0
+    # (and a zero gradient) instead of NaN.
+    return total / count.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+@dataclass
+class PolicyLossOutput:
+    """What ``policy_loss`` returns: the per-token loss and the metrics computed alongside it."""
+
+    per_token: Tensor  # [N, T] un-aggregated loss, 0 on padding
+    ratio: Tensor  # [N, T] importance ratio π_θ / π_old (detached)
+    clip_fraction: Tensor  # scalar, fraction of valid tokens whose gradient a clip cut off
+    dual_clip_fraction: Tensor  # scalar, the part of ``clip_fraction`` due to the dual clip
+    approx_kl: Tensor  # scalar, k3 estimate of KL(π_old ‖ π_θ), masked mean (detached)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> PolicyLossOutput:
+    """PPO clipped surrogate loss per token, with asymmetric clip range and optional dual clip.
+
+    With ``ρ = exp(logprobs − old_logprobs)`` the loss of a token is
+    ``max(−A·ρ, −A·clip(ρ, 1 − eps_low, 1 + eps_high))``, and with a dual clip ``c`` tokens with
+    ``A < 0`` are further capped: ``min(that, −A·c)`` (Ye et al., 2020), which bounds the loss of a
+    sample whose ratio has grown very large.
+
+    Args:
+        logprobs: ``[N, T]`` log-probs of the sampled tokens under the policy being trained.
+        old_logprobs: ``[N, T]`` log-probs under the behaviour policy that produced the samples.
+        advantages: ``[N]`` (one per sequence, broadcast over tokens) or ``[N, T]``.
+        mask: ``[N, T]``, 1 on trained tokens.
+        eps_low: Lower clip range, the ratio is clipped at ``1 − eps_low``.
+        eps_high: Upper clip range, the ratio is clipped at ``1 + eps_high`` (VL-Rethinker: 0.35).
+        dual_clip: Dual-clip constant ``c > 1``; ``None`` switches it off.
+
+    Returns:
+        A ``PolicyLossOutput``. ``clip_fraction`` counts every valid token whose gradient is zero
+        because of clipping: the ordinary clip (the clipped term is strictly the larger) or the dual
+        clip (the cap is strictly the smaller); ``dual_clip_fraction`` counts the latter alone.
+        ``approx_kl`` is ``mean(ρ − 1 − log ρ)``, the k3 estimator of KL(π_old ‖ π_θ) for tokens
+        sampled from π_old.
+    """
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got eps_low={eps_low}, eps_high={eps_high}.")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}.")
+    mask = mask.to(logprobs.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # [N, 1]
+    advantages = advantages.to(logprobs.dtype)
+
+    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [N, T]
+    ratio = log_ratio.exp()  # [N, T]
+    unclipped = -advantages * ratio  # [N, T]
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [N, T]
+    loss = torch.maximum(unclipped, clipped)  # [N, T]
+    is_clipped = clipped > unclipped  # [N, T]
+
+    is_dual_clipped = torch.zeros_like(is_clipped)  # [N, T]
+    if dual_clip is not None:
+        cap = -advantages * dual_clip  # [N, 1] or [N, T]
+        is_dual_clipped = (advantages < 0) & (cap < loss)  # [N, T]
+        loss = torch.where(is_dual_clipped, cap.expand_as(loss), loss)  # [N, T]
+
+    with torch.no_grad():
+        clip_fraction = masked_mean((is_clipped | is_dual_clipped).to(mask.dtype), mask)
+        dual_clip_fraction = masked_mean(is_dual_clipped.to(mask.dtype), mask)
+        approx_kl = masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask)
+
+    return PolicyLossOutput(
+        per_token=loss * mask,
+        ratio=ratio.detach(),
+        clip_fraction=clip_fraction,
+        dual_clip_fraction=dual_clip_fraction,
+        approx_kl=approx_kl,
+    )
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k2", "k3"] = "k3") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of tokens sampled from π.
+
+    With ``d = logprobs − ref_logprobs`` (Schulman, "Approximating KL divergence"):
+    ``k1 = d`` (unbiased, can be negative), ``k2 = ½·d²`` (biased, low variance),
+    ``k3 = exp(−d) + d − 1`` (unbiased, always >= 0, low variance).
+
+    Args:
+        logprobs: ``[N, T]`` log-probs under π (the policy the tokens were sampled from).
+        ref_logprobs: ``[N, T]`` log-probs of the same tokens under the reference policy.
+        estimator: Which estimator to use.
+
+    Returns:
+        ``[N, T]`` per-token estimates (padding is not masked; aggregate with a mask).
+    """
+    log_ratio = logprobs - ref_logprobs  # [N, T]
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        neg = (-log_ratio).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [N, T] ref − logp
+        return neg.exp() - neg - 1.0
+    raise ValueError(f"estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}.")
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float | None = 0.2,
+) -> Tensor:
+    """Clipped value loss per token: ``½·max((V − R)², (clip(V, V_old − ε, V_old + ε) − R)²)``.
+
+    Without clipping (``clip_eps=None``) it is ``½·(V − R)²``. Aggregate the result with
+    ``aggregate_loss``; ``value_clip_fraction`` gives the matching metric.
+
+    Args:
+        values: ``[N, T]`` critic values being trained.
+        old_values: ``[N, T]`` critic values at rollout time.
+        returns: ``[N, T]`` regression targets (GAE returns).
+        mask: ``[N, T]``, 1 on trained tokens.
+        clip_eps: Value clip range ``ε``; ``None`` disables clipping.
+
+    Returns:
+        ``[N, T]`` per-token loss, 0 on padding.
+    """
+    loss = (values - returns).square()  # [N, T]
+    if clip_eps is not None:
+        clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)  # [N, T]
+        loss = torch.maximum(loss, (clipped_values - returns).square())  # [N, T]
+    return 0.5 * loss * mask.to(loss.dtype)
+
+
+@torch.no_grad()
+def value_clip_fraction(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float) -> Tensor:
+    """Fraction of valid tokens where the clipped term of ``value_loss`` is strictly the larger.
+
+    On those tokens the value loss has no gradient. Arguments as in ``value_loss``.
+
+    Returns:
+        A scalar in ``[0, 1]``.
+    """
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)  # [N, T]
+    is_clipped = (clipped_values - returns).square() > (values - returns).square()  # [N, T]
+    return masked_mean(is_clipped.to(values.dtype), mask)
+
+
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: AggregationMode = "token-mean",
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """Reduce a ``[N, T]`` per-token loss to the scalar that is back-propagated.
+
+    Modes (``L`` = per-token loss, ``m`` = mask, ``i`` sequences, ``t`` tokens):
+
+    - ``"token-mean"``: ``Σ_i Σ_t L·m / num_tokens`` — every response token of the update batch
+      weighs the same, whatever the length of its sequence.
+    - ``"seq-mean-token-mean"``: ``Σ_i (Σ_t L·m / Σ_t m) / num_sequences``.
+    - ``"seq-mean-token-sum"``: ``Σ_i (Σ_t L·m) / num_sequences``.
+    - ``"seq-mean-token-sum-norm"`` (Dr. GRPO): ``Σ_i (Σ_t L·m / max_len) / num_sequences`` — a
+      fixed length instead of each sequence's token count, so no length bias.
+
+    **Gradient accumulation and data parallelism.** To obtain exactly the loss (and gradient) of the
+    whole update batch when it is split into micro-batches and devices, the caller:
+
+    1. Once per optimizer step, before the first micro-batch, counts the valid tokens of *all* its
+       micro-batches (``num_tokens``; for the ``seq-mean`` modes the non-empty sequences,
+       ``num_sequences``) and all-reduces (sums) that count over the data-parallel devices.
+    2. Calls ``aggregate_loss(..., num_tokens=global_count)`` on every micro-batch: each returns its
+       share ``Σ L·m / global_count``, so the shares of all micro-batches on all devices sum to the
+       full-batch mean.
+    3. Multiplies each micro-batch loss by the data-parallel world size before ``backward``, because
+       DDP/FSDP *average* gradients over devices where the shares must be *summed*. If the training
+       loop itself divides the loss by the number of accumulation steps (Lightning's automatic
+       optimisation with ``accumulate_grad_batches=k`` does), multiply by ``k`` as well, or use
+       manual optimisation.
+
+    Without ``num_tokens`` / ``num_sequences`` the local counts of this call are used, i.e. the mean
+    of this micro-batch alone.
+
+    Args:
+        per_token: ``[N, T]`` per-token loss.
+        mask: ``[N, T]``, 1 on trained tokens.
+        mode: Aggregation rule, see above.
+        num_tokens: Global valid-token count for ``"token-mean"``; ``None`` uses ``mask.sum()``.
+        num_sequences: Global count of sequences with at least one valid token for the
+            ``seq-mean`` modes; ``None`` uses the local count.
+        max_len: The fixed length of ``"seq-mean-token-sum-norm"`` (e.g. the maximum response
+            length of the rollout); required by that mode only.
+
+    Returns:
+        A scalar tensor. An empty mask with no global count gives 0.
+    """
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask  # [N, T]
+    if mode == "token-mean":
+        count = mask.sum() if num_tokens is None else num_tokens
+        return masked.sum() / _positive(count, masked)
+
+    token_counts = mask.sum(-1)  # [N]
+    seq_sums = masked.sum(-1)  # [N]
+    if mode == "seq-mean-token-mean":
+        seq_losses = seq_sums / token_counts.clamp_min(1.0)  # [N]
+    elif mode == "seq-mean-token-sum":
+        seq_losses = seq_sums  # [N]
+    elif mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len <= 0:
+            raise ValueError(
+                f"mode='seq-mean-token-sum-norm' needs a positive max_len (e.g. the maximum response "
+                f"length), got max_len={max_len}."
+            )
+        seq_losses = seq_sums / max_len  # [N]
+    else:
+        raise ValueError(
+            f"mode must be one of 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', "
+            f"'seq-mean-token-sum-norm', got {mode!r}."
+        )
+    count = (token_counts > 0).sum() if num_sequences is None else num_sequences
+    return seq_losses.sum() / _positive(count, seq_losses)
+
+
+def _positive(count: float | Tensor, like: Tensor) -> Tensor:
+    """``count`` as a tensor on ``like``'s device; a zero count becomes 1 so an empty batch gives 0."""
+    count = torch.as_tensor(count, dtype=like.dtype, device=like.device).detach()
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution given by ``logits``, in float32.
+
+    Computed as ``−Σ p·log p`` with ``log p = log_softmax(logits)``, which never exponentiates a
+    large logit; ``−inf`` logits (masked vocabulary entries) contribute 0.
+
+    The float32 working copy has the size of ``logits``: for a large vocabulary call it on chunks,
+    under ``torch.no_grad()`` when the entropy is only a metric.
+
+    Args:
+        logits: ``[..., V]`` unnormalised scores.
+
+    Returns:
+        ``[...]`` entropies in nats.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [..., V]
+    # Clamping −inf log-probs to the most negative float keeps 0·log 0 at 0 (and its gradient finite).
+    logp = logp.clamp_min(torch.finfo(logp.dtype).min)  # [..., V]
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,332 @@
+"""The RL step every method shares, as a LightningModule with manual optimization.
+
+``training_step`` reads like the step of DESIGN.md::
+
+    prompts -> rollout (G samples each) -> on_rollout_end callbacks -> rewards -> advantages
+    -> on_advantages_computed callbacks -> reference log-probs -> mini-batch updates
+    -> weights to the rollout engine -> metrics
+
+A method subclasses ``RLMethod`` once and fills in ``compute_advantages`` and ``loss`` (and, if it
+changes what is generated or how it is scored, ``generate`` / ``score``); it does not reorder the
+step. ``global_step`` counts optimizer steps: with the default ``mini_batch_size`` (the whole
+rollout) and one epoch, that is one per rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from vlrl.algorithms import entropy_from_logits, token_logprobs
+from vlrl.callbacks.base import RLCallback
+from vlrl.metrics import AccuracyBySource
+from vlrl.models.inputs import collate, encode_prompt, to_device
+from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.rewards import RewardFunction, is_correct, score
+from vlrl.rollout import HFEngine, RolloutEngine, Sampling
+from vlrl.types import EncodedPrompt, PromptBatch, Rollout
+
+log = logging.getLogger(__name__)
+
+
+class RLMethod(pl.LightningModule):
+    """Shared machinery of the RL methods; subclasses document the method-specific arguments.
+
+    Args:
+        policy: The model being trained (path, dtype, LoRA, quantization, freezing).
+        rewards: Reward functions; the reward of a sample is their weighted sum.
+        rollout_engine: Samples responses; default: HF ``generate`` on the policy itself.
+        sampling: Sampling settings for training rollouts.
+        eval_sampling: Sampling settings for validation/test (default greedy, same length).
+        group_size: Samples per prompt (``G``).
+        mini_batch_size: Samples per optimizer step; must divide prompts per step × ``G``.
+            Default: the whole rollout (one optimizer step per rollout and epoch).
+        micro_batch_size: Samples per forward/backward pass (gradient accumulation inside a
+            mini-batch); only memory depends on it, not the result.
+        epochs: Passes over each rollout.
+        optimizer: Optimizer factory for the trainable parameters.
+        lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
+        max_grad_norm: Clip the gradient norm to this value (``None`` = no clipping).
+        reward_time_budget_s: Time allowed to all reward functions of one step; late or failing
+            rewards score 0 and are counted in ``reward/failures``.
+        seed: Seed of the rollout sampling (combined with the step, so a resumed run samples
+            as the uninterrupted one would).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        rewards: list[RewardFunction],
+        rollout_engine: RolloutEngine | None = None,
+        sampling: Sampling | None = None,
+        eval_sampling: Sampling | None = None,
+        group_size: int = 8,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 8,
+        epochs: int = 1,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        reward_time_budget_s: float = 120.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if micro_batch_size < 1 or epochs < 1:
+            raise ValueError(f"micro_batch_size and epochs must be >= 1, got {micro_batch_size} and {epochs}")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        self.automatic_optimization = False
+        self.policy = policy
+        self.rewards = rewards
+        self.rollout_engine = rollout_engine or HFEngine()
+        self.sampling = sampling or Sampling()
+        self.eval_sampling = eval_sampling or Sampling(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
+        self.group_size = group_size
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.epochs = epochs
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.reward_time_budget_s = reward_time_budget_s
+        self.seed = seed
+        self.model: torch.nn.Module | None = None
+        self.processor: Any = None
+        self.val_accuracy = AccuracyBySource()
+        self.test_accuracy = AccuracyBySource()
+
+    # ----------------------------------------------------------------------------------- setup
+    @property
+    def max_new_tokens(self) -> int:
+        """Response length limit of training rollouts (callbacks may change it between steps)."""
+        return self.sampling.max_new_tokens
+
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int) -> None:
+        self.sampling.max_new_tokens = int(value)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model, self.processor = self.policy.load()
+        self.rollout_engine.bind(self.model, self.processor)
+
+    @property
+    def tokenizer(self):
+        return tokenizer_of(self.processor)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check policy.freeze_vision / policy.lora")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ the RL step
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.generate(batch, self.sampling, self.group_size)  # 1. sample G responses each
+        rollout_time = time.perf_counter() - start
+        rollout = self.run_callbacks("on_rollout_end", rollout)  # 2. e.g. forced rethinking
+        rollout = self.score(rollout)  # 3. rewards
+        rollout.advantages = self.compute_advantages(rollout)  # 4. advantages
+        metrics = self.rollout_metrics(rollout)  # measured on what was sampled, before reshaping
+        rollout = self.run_callbacks("on_advantages_computed", rollout)  # 5. e.g. sample replay
+        if len(rollout) == 0:
+            self.log_dict({**metrics, "update/skipped": 1.0}, prog_bar=False)
+            return
+        self.prepare_update(rollout)  # 6. reference log-probs
+        metrics.update(self.update(rollout))  # 7. epochs x mini-batches of optimizer steps
+        self.rollout_engine.update_weights(self.model)  # 8. the next rollout samples the new policy
+        metrics["perf/rollout_s"] = rollout_time
+        metrics["perf/rollout_tokens_per_s"] = float(rollout.response_mask.sum()) / max(rollout_time, 1e-9)
+        metrics["perf/step_s"] = time.perf_counter() - start
+        self.log_metrics(metrics)  # 9.
+
+    def generate(self, batch: PromptBatch, sampling: Sampling, group_size: int) -> Rollout:
+        """Encode the prompts and sample ``group_size`` responses for each."""
+        encoded = [encode_prompt(self.processor, m, imgs) for m, imgs in zip(batch.messages, batch.images, strict=True)]
+        prompts = [p for p in encoded for _ in range(group_size)]
+        seed = self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        out = self.rollout_engine.generate(prompts, sampling, seed=seed)
+        texts = self.tokenizer.batch_decode(out.response_ids * out.response_mask.long(), skip_special_tokens=True)
+        return Rollout(
+            prompts=prompts, response_ids=out.response_ids, response_mask=out.response_mask,
+            logprobs=out.logprobs, texts=texts, finish_reasons=out.finish_reasons,
+            group_index=torch.arange(len(batch)).repeat_interleave(group_size), batch=batch,
+        )
+
+    def run_callbacks(self, hook: str, rollout: Rollout) -> Rollout:
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            if isinstance(callback, RLCallback):
+                rollout = getattr(callback, hook)(self.trainer, self, rollout)
+        return rollout
+
+    def score(self, rollout: Rollout) -> Rollout:
+        """Rewards of every sample: the weighted sum of the reward functions."""
+        idx = rollout.group_index.tolist()
+        scores = score(
+            self.rewards, rollout.texts, answers=[rollout.batch.answers[i] for i in idx],
+            choices=[rollout.batch.choices[i] for i in idx], finish_reasons=rollout.finish_reasons,
+            data_sources=[rollout.batch.data_sources[i] for i in idx], time_budget_s=self.reward_time_budget_s,
+        )
+        rollout.rewards = scores.total
+        rollout.reward_components = scores.components
+        rollout.extras["reward_failures"] = scores.failures
+        return rollout
+
+    def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
+        """``[N]`` or ``[N, T]`` advantages of the rollout's samples."""
+        raise NotImplementedError
+
+    def loss(self, rollout: Rollout, logprobs: torch.Tensor, entropy: torch.Tensor,
+             num_tokens: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch (already normalised for the whole mini-batch) and its metrics."""
+        raise NotImplementedError
+
+    @property
+    def entropy_needs_grad(self) -> bool:
+        """Whether the loss differentiates through the entropy (else it is only measured)."""
+        return False
+
+    def prepare_update(self, rollout: Rollout) -> None:
+        """Hook for log-probs the loss needs besides the behaviour ones (e.g. the reference's)."""
+
+    # ------------------------------------------------------------------------------ the update
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n = len(rollout)
+        size = self.mini_batch_size or n
+        if n % size:
+            raise ValueError(
+                f"mini_batch_size={size} does not divide the update batch of {n} samples "
+                f"(prompts per step x group_size={self.group_size}); pick a divisor of {n}"
+            )
+        generator = torch.Generator().manual_seed(self.seed + self.global_step)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
+            for start in range(0, n, size):
+                stats = self.optimizer_step(rollout.select(order[start:start + size]), optimizer, scheduler)
+                for k, v in stats.items():
+                    sums[k] += v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def optimizer_step(self, mini: Rollout, optimizer, scheduler) -> dict[str, float]:
+        """One optimizer step on a mini-batch, accumulated over micro-batches."""
+        world = self.trainer.world_size
+        # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
+        num_tokens = self.all_reduce_sum(mini.response_mask.sum().to(self.device))
+        num_sequences = int(self.all_reduce_sum(torch.tensor(float(len(mini)), device=self.device)).item())
+        stats: dict[str, float] = defaultdict(float)
+        for start in range(0, len(mini), self.micro_batch_size):
+            micro = mini.select(list(range(start, min(start + self.micro_batch_size, len(mini)))))
+            logprobs, entropy = self.policy_logprobs(self.model, micro, with_entropy=True)
+            loss, parts = self.loss(micro, logprobs, entropy, num_tokens, num_sequences)
+            self.manual_backward(loss * world)
+            weight = float(micro.response_mask.sum()) / max(float(mini.response_mask.sum()), 1.0)
+            for k, v in parts.items():
+                stats[k] += float(v) * weight
+        if self.max_grad_norm is not None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            stats["update/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        stats["update/lr"] = optimizer.param_groups[0]["lr"]
+        return stats
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return value.float()
+        return self.trainer.strategy.reduce(value.float(), reduce_op="sum")
+
+    def policy_logprobs(
+        self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
+        inputs = to_device(
+            collate(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask),
+            self.device, self.model.dtype,
+        )
+        width = rollout.response_ids.shape[1]
+        logits = model(**inputs, use_cache=False).logits[:, -width - 1:-1]  # [n, T, V] predicting responses
+        temperature = self.sampling.temperature or 1.0
+        response = rollout.response_ids.to(self.device)
+        logprobs = token_logprobs(logits, response, temperature)  # [n, T]
+        entropy = None
+        if with_entropy:
+            with torch.enable_grad() if self.entropy_needs_grad else torch.no_grad():
+                entropy = entropy_from_logits(logits.float() / temperature)  # [n, T]
+        return logprobs, entropy
+
+    # ----------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluate(batch, self.val_accuracy, "val")
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluate(batch, self.test_accuracy, "test")
+
+    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
+        rollout = self.generate(batch, self.eval_sampling, 1)
+        correct = [is_correct(t, a, c) for t, a, c in zip(rollout.texts, batch.answers, batch.choices, strict=True)]
+        metric.update(correct, batch.data_sources)
+        self.log(f"{stage}/response_length", rollout.response_mask.sum(1).mean(), batch_size=len(batch), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_accuracy(self.val_accuracy, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_accuracy(self.test_accuracy, "test")
+
+    def log_accuracy(self, metric: AccuracyBySource, stage: str) -> None:
+        values = metric.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
+        self.log(f"{stage}/accuracy", values["accuracy"], prog_bar=True)
+        metric.reset()
+
+    # -------------------------------------------------------------------------------- metrics
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        lengths = rollout.response_mask.sum(dim=1)
+        rewards = rollout.rewards
+        out = {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/truncated_frac": sum(r == "length" for r in rollout.finish_reasons) / len(rollout),
+        }
+        for name, values in rollout.reward_components.items():
+            out[f"reward/{name}"] = values.float().mean().item()
+        for name, failures in rollout.extras.get("reward_failures", {}).items():
+            out[f"reward/failures/{name}"] = float(failures)
+        if rollout.advantages is not None and rollout.advantages.dim() == 1:
+            groups = rollout.group_index
+            zero = [bool((rollout.advantages[groups == g].abs() < 1e-8).all()) for g in groups.unique()]
+            out["advantage/zero_group_frac"] = sum(zero) / max(len(zero), 1)
+        return out
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        bar = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len"}
+        self.log_dict({k: v for k, v in metrics.items()}, prog_bar=False, batch_size=1)
+        self.log_dict({short: metrics[k] for k, short in bar.items() if k in metrics}, prog_bar=True, logger=False,
+                      batch_size=1)

@@ -1,0 +1,129 @@
+"""GRPO: group-relative advantages and the clipped policy loss, optionally with a KL to a reference.
+
+Per step: ``B`` prompts × ``G`` samples; the advantage of a sample is its reward relative to its
+group (std-normalised by default, mean-only as in VL-Rethinker / Dr. GRPO, or leave-one-out); the
+loss is the PPO-clip objective with asymmetric clip range and optional dual clip, aggregated over
+the update batch (token-mean by default), plus ``kl_coef`` × a KL estimate to a frozen reference
+(the adapter-disabled policy under LoRA). An optional entropy bonus is subtracted.
+
+Run: ``lightning-cli fit --config configs/demo/grpo.yaml`` (tiny model, CPU) or
+``lightning-cli fit --config configs/grpo.yaml`` (Qwen2.5-VL-7B).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+
+from vlrl.algorithms import aggregate_loss, group_advantages, kl_penalty, masked_mean, policy_loss
+from vlrl.methods.base import RLMethod
+from vlrl.models.loading import Policy
+from vlrl.types import Rollout
+
+
+class GRPO(RLMethod):
+    """Group Relative Policy Optimization.
+
+    Args:
+        advantage: ``std`` (r − mean)/(std + eps) over the group; ``mean`` r − mean (no std
+            division); ``loo`` leave-one-out baseline.
+        eps_low: Lower clip range of the ratio (``1 − eps_low``).
+        eps_high: Upper clip range of the ratio (``1 + eps_high``); > eps_low is "clip-higher".
+        dual_clip: Dual-clip constant ``c`` > 1 bounding the loss of negative-advantage tokens
+            (``None`` = off).
+        loss_aggregation: ``token-mean`` (over all tokens of the update batch, across micro-batches
+            and devices), ``seq-mean-token-mean``, ``seq-mean-token-sum`` or
+            ``seq-mean-token-sum-norm`` (divide by ``sampling.max_new_tokens``; Dr. GRPO).
+        kl_coef: Weight of the KL to the reference in the loss (0 = no reference model is loaded).
+        kl_estimator: ``k1``, ``k2`` or ``k3``.
+        reference: The frozen reference policy; default: the initial policy weights (under LoRA,
+            the policy with its adapters disabled, so no second model is loaded).
+        entropy_coef: Weight of an entropy bonus (0 = off).
+        **kwargs: The arguments of ``RLMethod``: policy, rewards, rollout_engine, sampling,
+            group_size, mini_batch_size, micro_batch_size, epochs, optimizer, lr_scheduler, ...
+    """
+
+    def __init__(
+        self,
+        *args,
+        advantage: Literal["std", "mean", "loo"] = "std",
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        dual_clip: float | None = None,
+        loss_aggregation: Literal[
+            "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+        ] = "token-mean",
+        kl_coef: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        reference: Policy | None = None,
+        entropy_coef: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if advantage == "std" and self.group_size < 2:
+            raise ValueError(
+                f"advantage='std' needs group_size >= 2 (got {self.group_size}): a group of one has no "
+                "spread, so every advantage would be 0. Raise group_size or use advantage='mean'."
+            )
+        if dual_clip is not None and dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (got {dual_clip}) or null")
+        self.advantage = advantage
+        self.eps_low, self.eps_high, self.dual_clip = eps_low, eps_high, dual_clip
+        self.loss_aggregation = loss_aggregation
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.reference = reference
+        self.entropy_coef = entropy_coef
+        self._ref_model: list[torch.nn.Module] = []  # kept out of the module tree: never trained or saved
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.kl_coef > 0 and self.policy.lora is None and not self._ref_model:
+            ref, _ = (self.reference or Policy(self.policy.model_path, dtype=self.policy.dtype)).load()
+            self._ref_model.append(ref.eval().requires_grad_(False))
+
+    def on_fit_start(self) -> None:
+        if self._ref_model:
+            self._ref_model[0].to(self.device)
+
+    @property
+    def entropy_needs_grad(self) -> bool:
+        return self.entropy_coef != 0
+
+    def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
+        return group_advantages(rollout.rewards, rollout.group_index, mode=self.advantage)  # [N]
+
+    @torch.no_grad()
+    def prepare_update(self, rollout: Rollout) -> None:
+        if self.kl_coef <= 0:
+            return
+        parts = []
+        for start in range(0, len(rollout), self.micro_batch_size):
+            micro = rollout.select(list(range(start, min(start + self.micro_batch_size, len(rollout)))))
+            if self._ref_model:
+                parts.append(self.policy_logprobs(self._ref_model[0], micro)[0])
+            else:
+                with self.model.disable_adapter() if self.policy.lora is not None else nullcontext():
+                    parts.append(self.policy_logprobs(self.model, micro)[0])
+        rollout.ref_logprobs = torch.cat(parts).detach()  # [N, T]
+
+    def loss(self, rollout: Rollout, logprobs: torch.Tensor, entropy: torch.Tensor,
+             num_tokens: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = rollout.response_mask.to(logprobs.device)  # [n, T]
+        old = rollout.logprobs.to(logprobs.device)  # [n, T]
+        out = policy_loss(logprobs, old, rollout.advantages.to(logprobs.device), mask,
+                          eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip)
+        per_token = out.per_token  # [n, T]
+        stats = {"update/clip_frac": out.clip_fraction, "update/approx_kl": out.approx_kl,
+                 "update/entropy": masked_mean(entropy.detach(), mask)}
+        if self.kl_coef > 0:
+            kl = kl_penalty(logprobs, rollout.ref_logprobs.to(logprobs.device), self.kl_estimator)  # [n, T]
+            per_token = per_token + self.kl_coef * kl
+            stats["update/kl_ref"] = masked_mean(kl.detach(), mask)
+        if self.entropy_coef:
+            per_token = per_token - self.entropy_coef * entropy
+        loss = aggregate_loss(per_token, mask, self.loss_aggregation, num_tokens=num_tokens,
+                              num_sequences=num_sequences, max_len=self.sampling.max_new_tokens)
+        stats["update/policy_loss"] = masked_mean(out.per_token.detach(), mask)
+        return loss, {k: v.detach() for k, v in stats.items()}

@@ -1,0 +1,6 @@
+"""Model loading (HF Auto classes, LoRA/QLoRA, freezing) and the tiny offline model factory."""
+
+from vlrl.models.loading import LoRA, Policy, apply_lora, freeze, tokenizer_of, vision_modules
+from vlrl.models.tiny import resolve_model_path
+
+__all__ = ["LoRA", "Policy", "apply_lora", "freeze", "resolve_model_path", "tokenizer_of", "vision_modules"]

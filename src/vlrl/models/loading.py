@@ -1,0 +1,164 @@
+"""Loading a policy (or reasoner, critic backbone) from a Hugging Face directory or hub id.
+
+``Policy`` is the component a method's YAML names: where the weights are, in which dtype, with
+LoRA and/or 4-bit quantization, and what is frozen. ``Policy.load()`` returns the model and its
+processor (a VLM) or tokenizer (a text model), through transformers' Auto classes, so any model
+family transformers knows loads the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+
+from vlrl.models.tiny import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+# Module names (last path component) of vision encoders and projectors across model families.
+VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "mlp1", "vision_projection")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoRA:
+    """LoRA adapter settings (peft).
+
+    Args:
+        rank: Adapter rank ``r``.
+        alpha: Scaling numerator (``lora_alpha``); the update is scaled by ``alpha / rank``.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or ``"all-linear"``.
+        include_vision: Also adapt linear layers of the vision tower and projector.
+    """
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    include_vision: bool = False
+
+
+@dataclass
+class Policy:
+    """A model to load: weights, precision, adapters and what is frozen.
+
+    Args:
+        model_path: Hugging Face hub id or local directory (``tiny:qwen2_5_vl``, ``tiny:qwen2`` and
+            ``tiny:llava_onevision`` build tiny random models offline).
+        dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``,
+            ``flash_attention_2``).
+        lora: LoRA settings; ``None`` trains all (unfrozen) weights.
+        quantization: ``nf4`` loads the base weights in 4-bit NF4 with bitsandbytes (QLoRA; needs ``lora``).
+        freeze_vision: Freeze the vision tower and the projector (train the language model only).
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        trust_remote_code: Allow model code shipped with the checkpoint to run. Off unless you trust it.
+        min_pixels: Override the processor's minimum image size in pixels (Qwen-VL style processors).
+        max_pixels: Override the processor's maximum image size in pixels.
+    """
+
+    model_path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: str = "sdpa"
+    lora: LoRA | None = None
+    quantization: Literal["nf4"] | None = None
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    _is_vlm: bool | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.lora is None:
+            raise ValueError(
+                f"policy.quantization={self.quantization!r} needs policy.lora: 4-bit weights cannot be trained "
+                "directly. Set policy.lora (e.g. `lora: {rank: 16}`) or remove quantization."
+            )
+
+    @property
+    def path(self) -> str:
+        return resolve_model_path(self.model_path)
+
+    def load(self) -> tuple[torch.nn.Module, object]:
+        """Load the model (with LoRA/quantization/freezing applied) and its processor or tokenizer."""
+        path = self.path
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        self._is_vlm = getattr(config, "vision_config", None) is not None
+        auto = AutoModelForImageTextToText if self._is_vlm else AutoModelForCausalLM
+        kwargs = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation,
+                      trust_remote_code=self.trust_remote_code)
+        if self.quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[self.dtype],
+                bnb_4bit_use_double_quant=True,
+            )
+        model = auto.from_pretrained(path, **kwargs)
+        processor = self.load_processor(path)
+        if self.freeze_vision:
+            freeze(vision_modules(model))
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            model = apply_lora(model, self.lora, quantized=self.quantization is not None)
+        return model, processor
+
+    def load_processor(self, path: str | None = None):
+        path = path or self.path
+        if self._is_vlm is None:
+            self._is_vlm = getattr(AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code),
+                                   "vision_config", None) is not None
+        if not self._is_vlm:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            tok.padding_side = "left"
+            return tok
+        kwargs = {}
+        if self.min_pixels is not None:
+            kwargs["min_pixels"] = self.min_pixels
+        if self.max_pixels is not None:
+            kwargs["max_pixels"] = self.max_pixels
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
+        processor.tokenizer.padding_side = "left"
+        return processor
+
+
+def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The vision tower and projector modules of a VLM (empty for a text model)."""
+    found = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in VISION_MODULE_NAMES and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    modules = dict(model.named_modules())
+    return [modules[n] for n in found]
+
+
+def freeze(modules: list[torch.nn.Module]) -> None:
+    for module in modules:
+        module.requires_grad_(False)
+
+
+def apply_lora(model: torch.nn.Module, lora: LoRA, quantized: bool = False) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    exclude = None if lora.include_vision else rf".*\.({'|'.join(VISION_MODULE_NAMES)})\..*"
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, exclude_modules=exclude, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def tokenizer_of(processor: ProcessorMixin | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer inside a processor (or the tokenizer itself)."""
+    return processor.tokenizer if isinstance(processor, ProcessorMixin) else processor
