@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    return LightningCLI(
+def main(args: list[str] | None = None) -> None:
+    LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,

@@ -84,6 +84,7 @@ class Rollout:
     values: torch.Tensor | None = None  # [N, T] critic values at generation time
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     extras: dict[str, Any] = field(default_factory=dict)  # per-sample lists/tensors added by callbacks
+    stats: dict[str, float] = field(default_factory=dict)  # step-level figures to log; not per sample
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -100,7 +101,7 @@ class Rollout:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "batch":
+            if f.name in ("batch", "stats"):
                 out[f.name] = value
             elif isinstance(value, torch.Tensor):
                 out[f.name] = value[idx]

@@ -69,7 +69,7 @@ def validate_row(
     if not isinstance(record, dict):
         raise DataError(
             f"the row is a {type(record).__name__}, not an object with named fields",
-            "write each row as a JSON object such as {\"question\": ..., \"answer\": ...}",
+            'write each row as a JSON object such as {"question": ..., "answer": ...}',
             where=where,
             reason="wrong_type",
         )
@@ -246,7 +246,7 @@ def _image_ref(item: Any, where: RowLocation, base_dir: Path | None) -> ImageRef
         else:
             raise DataError(
                 "has an image entry with neither 'bytes' nor 'path'",
-                "give each image as a file path, encoded bytes, or {\"bytes\": ..., \"path\": ...}",
+                'give each image as a file path, encoded bytes, or {"bytes": ..., "path": ...}',
                 where=where,
                 field="images",
                 reason="missing_image",
@@ -268,4 +268,4 @@ def _image_ref(item: Any, where: RowLocation, base_dir: Path | None) -> ImageRef
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         return str(path)
-    raise _wrong_type("images", item, "image file paths, bytes or {\"bytes\", \"path\"} objects", where)
+    raise _wrong_type("images", item, 'image file paths, bytes or {"bytes", "path"} objects', where)

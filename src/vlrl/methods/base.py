@@ -117,6 +117,7 @@ class RLMethod(pl.LightningModule):
         if self.model is not None:
             return
         self.model, self.processor = self.policy.load()
+        self.model.train()  # from_pretrained returns eval mode; dropout (if any) belongs to training
         self.rollout_engine.bind(self.model, self.processor)
 
     @property
@@ -187,7 +188,7 @@ class RLMethod(pl.LightningModule):
         )
         rollout.rewards = scores.total
         rollout.reward_components = scores.components
-        rollout.extras["reward_failures"] = scores.failures
+        rollout.stats.update({f"reward/failures/{k}": float(v) for k, v in scores.failures.items()})
         return rollout
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
@@ -300,8 +301,8 @@ class RLMethod(pl.LightningModule):
 
     def log_accuracy(self, metric: AccuracyBySource, stage: str) -> None:
         values = metric.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
-        self.log(f"{stage}/accuracy", values["accuracy"], prog_bar=True)
+        self.log(f"{stage}/accuracy", values.pop("accuracy"), prog_bar=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
         metric.reset()
 
     # -------------------------------------------------------------------------------- metrics
@@ -317,8 +318,7 @@ class RLMethod(pl.LightningModule):
         }
         for name, values in rollout.reward_components.items():
             out[f"reward/{name}"] = values.float().mean().item()
-        for name, failures in rollout.extras.get("reward_failures", {}).items():
-            out[f"reward/failures/{name}"] = float(failures)
+        out.update(rollout.stats)
         if rollout.advantages is not None and rollout.advantages.dim() == 1:
             groups = rollout.group_index
             zero = [bool((rollout.advantages[groups == g].abs() < 1e-8).all()) for g in groups.unique()]
@@ -326,7 +326,7 @@ class RLMethod(pl.LightningModule):
         return out
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        bar = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len"}
+        bar = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len"}  # short names
         self.log_dict({k: v for k, v in metrics.items()}, prog_bar=False, batch_size=1)
         self.log_dict({short: metrics[k] for k, short in bar.items() if k in metrics}, prog_bar=True, logger=False,
                       batch_size=1)

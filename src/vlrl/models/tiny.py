@@ -179,7 +179,7 @@ def build_llava_onevision(out_dir: str | Path, *, hidden: int = 128, layers: int
     """Write a tiny random LLaVA-OneVision (SigLIP + Qwen2) with its own processor to ``out_dir``."""
     from transformers import (
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
+        LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
     )
 
     tok = build_tokenizer()
@@ -209,6 +209,7 @@ def build_llava_onevision(out_dir: str | Path, *, hidden: int = 128, layers: int
     )
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
         num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_1",
     )

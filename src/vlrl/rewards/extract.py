@@ -20,6 +20,7 @@ import re
 
 __all__ = ["extract_answer", "extract_boxed", "extract_tagged", "extract_answer_phrase"]
 
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escape pair, or a structural brace
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b\s*")
 _ANSWER_PHRASE = re.compile(
     r"(?:final\s+answer|correct\s+answer|answer)\s*(?:is|:|=|would\s+be|should\s+be)\s*:?",
@@ -38,17 +39,11 @@ def _match_braces(text: str) -> dict[int, int]:
     """
     matches: dict[int, int] = {}
     stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character (covers \{ and \})
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            matches[stack.pop()] = i
-        i += 1
+    for token in _BRACE_TOKEN.finditer(text):
+        if token.group(0) == "{":
+            stack.append(token.start())
+        elif token.group(0) == "}" and stack:
+            matches[stack.pop()] = token.start()
     return matches
 
 
@@ -102,8 +97,8 @@ def extract_answer_phrase(text: str) -> str | None:
         '3.5 cm'
     """
     last = None
-    for last in _ANSWER_PHRASE.finditer(text):
-        pass
+    for match in _ANSWER_PHRASE.finditer(text):
+        last = match
     if last is None:
         return None
     tail = text[last.end() : last.end() + _MAX_PHRASE_CHARS]
@@ -114,8 +109,17 @@ def extract_answer_phrase(text: str) -> str | None:
     sentence = _SENTENCE_END.search(line)
     if sentence:
         line = line[: sentence.start()]
-    answer = line.strip().strip("*").rstrip(".,;:").strip()
+    answer = _strip_math_delimiters(line.strip().strip("*").rstrip(".,;:").strip())
     return answer or None
+
+
+def _strip_math_delimiters(text: str) -> str:
+    """``$x$``, ``\\(x\\)``, ``\\[x\\]`` -> ``x``; anything else unchanged."""
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+            inner = text[len(left) : -len(right)]
+            return text if left in inner else inner.strip()
+    return text
 
 
 def extract_answer(text: str) -> str | None:

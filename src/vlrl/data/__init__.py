@@ -1,0 +1,38 @@
+"""Data: sources of rows, their validation, prompts, and the datamodule that yields ``PromptBatch``.
+
+For example ``RLDataModule(train=Synthetic("train", size=2000), val=Files("data/val.jsonl"), batch_size=8)``;
+in YAML each source is named by ``class_path`` (``vlrl.data.Files``, ``vlrl.data.HFDataset``,
+``vlrl.data.Synthetic``) with its constructor arguments as ``init_args``.
+"""
+
+from vlrl.data.datamodule import PromptDataset, RLDataModule
+from vlrl.data.errors import DataError, RowLocation
+from vlrl.data.images import fit_pixels, load_image
+from vlrl.data.loader import ResumableLoader, ResumableSampler
+from vlrl.data.prompts import Prompt, build_messages, render_choices, strip_image_placeholders
+from vlrl.data.schema import Row, validate_row
+from vlrl.data.sources import Files, HFDataset, Source, Synthetic
+from vlrl.data.synthetic import make_rows, save_split
+
+__all__ = [
+    "DataError",
+    "Files",
+    "HFDataset",
+    "Prompt",
+    "PromptDataset",
+    "RLDataModule",
+    "ResumableLoader",
+    "ResumableSampler",
+    "Row",
+    "RowLocation",
+    "Source",
+    "Synthetic",
+    "build_messages",
+    "fit_pixels",
+    "load_image",
+    "make_rows",
+    "render_choices",
+    "save_split",
+    "strip_image_placeholders",
+    "validate_row",
+]

@@ -1,0 +1,219 @@
+"""``RLDataModule``: sources in, ``PromptBatch`` out, with a data position that survives resuming.
+
+Rows are read and validated when the stage is set up (before the first step), so a bad row fails
+the run at once with its file, row and field, or is skipped and counted (``on_bad_row: skip``;
+counts in ``skipped_rows``). Image files are checked then too; their pixels are decoded when a
+batch is built (in worker processes if ``num_workers > 0``).
+
+The train loader is a ``ResumableLoader`` (see ``vlrl.data.loader``): Lightning saves its position
+in every checkpoint, and ``fit(ckpt_path=...)`` continues with the next unseen batch of the same
+shuffled order, across epoch boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from vlrl.data.errors import DataError
+from vlrl.data.images import load_image
+from vlrl.data.loader import ResumableLoader, ResumableSampler
+from vlrl.data.prompts import Prompt, build_messages, check_template, collate_prompts
+from vlrl.data.schema import Row
+from vlrl.data.sources import Source
+
+Split = Literal["train", "val", "test", "predict"]
+_STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+class PromptDataset(Dataset):
+    """Validated rows as ``Prompt`` items: chat messages built, images decoded and resized."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        prompt_template: str = "{question}",
+        system_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.rows = rows
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Prompt:
+        row = self.rows[index]
+        return Prompt(
+            id=row.id,
+            messages=build_messages(
+                row.question, row.messages, len(row.images), row.choices, self.prompt_template, self.system_prompt
+            ),
+            images=[load_image(ref, self.min_pixels, self.max_pixels, row.where) for ref in row.images],
+            answer=row.answer,
+            choices=row.choices,
+            data_source=row.data_source,
+            extras=row.extras,
+        )
+
+
+class RLDataModule(LightningDataModule):
+    """Prompts for RL (and SFT/eval) from files, Hugging Face datasets or the synthetic task.
+
+    Batches are ``vlrl.types.PromptBatch``: per prompt its id, chat ``messages`` (an optional system
+    turn, then a user turn with one ``{"type": "image"}`` part per image followed by the text),
+    the decoded RGB images, the gold answer, the options of a multiple-choice question, the
+    ``data_source`` and the row's other fields (``extras``).
+
+    Args:
+        train: source of training prompts (e.g. ``vlrl.data.Files``, ``vlrl.data.HFDataset``,
+            ``vlrl.data.Synthetic``).
+        val: source of validation prompts.
+        test: source of test prompts.
+        predict: source of prompts for ``predict``.
+        batch_size: prompts per training step on each device (each is then sampled several times
+            by the method).
+        eval_batch_size: prompts per batch for val/test/predict (default: ``batch_size``).
+        prompt_template: user text of a question row, with fields ``{question}`` and ``{choices}``
+            (the lettered options "A. ..." one per line). Without ``{choices}``, options are
+            appended to the question. ``<image1>``-style markers are removed from questions.
+        system_prompt: text of a system turn put before each question row (rows that bring their
+            own ``messages`` are used as given).
+        min_pixels: upscale images with fewer pixels (width*height) to about this many,
+            keeping the aspect ratio.
+        max_pixels: downscale images with more pixels to at most this many, keeping the aspect ratio.
+        on_bad_row: ``error`` stops at the first bad row with its file, row and field; ``skip``
+            skips bad rows, warns once per source with the counts and keeps them in ``skipped_rows``.
+        shuffle: shuffle training rows each epoch (the order depends only on ``seed`` and the epoch).
+        seed: seed of the training order.
+        num_workers: worker processes that decode images and build batches.
+        drop_last: drop the last incomplete training batch of each epoch.
+    """
+
+    def __init__(
+        self,
+        train: Source | None = None,
+        val: Source | None = None,
+        test: Source | None = None,
+        predict: Source | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        prompt_template: str = "{question}",
+        system_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        on_bad_row: Literal["error", "skip"] = "error",
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1")
+        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive pixel count (or null for no bound)")
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}; swap or widen them")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error' or 'skip'")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be 0 (main process) or more")
+        check_template(prompt_template)
+        self.sources: dict[Split, Source | None] = {"train": train, "val": val, "test": test, "predict": predict}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.on_bad_row = on_bad_row
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.datasets: dict[Split, PromptDataset] = {}
+        self.skipped_rows: dict[str, int] = {}  # "<split>/<reason>" -> rows skipped, e.g. for self.log_dict
+
+    def setup(self, stage: str) -> None:
+        """Read and validate the rows of the splits ``stage`` uses (each split once)."""
+        for split in _STAGE_SPLITS.get(stage, ()):
+            if self.sources[split] is not None and split not in self.datasets:
+                self.datasets[split] = self._load(split)
+
+    def _load(self, split: Split) -> PromptDataset:
+        source = self.sources[split]
+        assert source is not None
+        loaded = source.load(self.on_bad_row)
+        if loaded.skipped:
+            total = sum(loaded.skipped.values())
+            for reason, count in loaded.skipped.items():
+                self.skipped_rows[f"{split}/{reason}"] = count
+            details = "; ".join(
+                f"{reason}: {count} (first: {loaded.first_error[reason]})" for reason, count in loaded.skipped.items()
+            )
+            rank_zero_warn(f"Skipped {total} bad row(s) of {split} source {source!r} ({details})")
+        if not loaded.rows:
+            raise DataError(
+                f"{split} source {source!r} has no usable rows",
+                "check the source's path and column_mapping",
+                field=split,
+                reason="config",
+                skippable=False,
+            )
+        return PromptDataset(loaded.rows, self.prompt_template, self.system_prompt, self.min_pixels, self.max_pixels)
+
+    def dataset(self, split: Split) -> PromptDataset:
+        """The prompts of ``split``, read now if ``setup`` has not read them."""
+        if split not in self.datasets:
+            if self.sources[split] is None:
+                raise ValueError(f"no {split} source is configured; set `data.{split}` (e.g. to a vlrl.data.Files)")
+            self.datasets[split] = self._load(split)
+        return self.datasets[split]
+
+    def train_dataloader(self) -> ResumableLoader:
+        dataset = self.dataset("train")
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = ResumableSampler(
+            len(dataset), self.batch_size, self.shuffle, self.seed, self.drop_last, rank, world_size
+        )
+        if len(sampler) == 0:
+            raise ValueError(
+                f"the train source has {len(dataset)} rows, fewer than one batch of batch_size={self.batch_size} "
+                f"on each of {world_size} device(s); lower batch_size or set drop_last: false"
+            )
+        return ResumableLoader(dataset, sampler, collate_prompts, self.num_workers)
+
+    def _eval_dataloader(self, split: Split) -> DataLoader | list:
+        if self.sources[split] is None:
+            return []
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("predict")

@@ -1,0 +1,206 @@
+"""Reward functions: plain callables that score a batch of completions.
+
+Every reward follows one call protocol, so the runner (``vlrl.rewards.runner.score``) and the
+methods treat them alike::
+
+    reward(completions, *, answers, choices, finish_reasons, **kwargs) -> list[float]
+
+``completions`` are the N decoded responses; ``answers``/``choices`` the gold answer and the
+option texts (None for free-form) of each sample's prompt; ``finish_reasons`` is ``"stop"`` or
+``"length"`` per sample. Extra keyword arguments (prompts, images, data sources, ...) may be passed
+by a method and are ignored by rewards that don't need them. Each reward has a ``name`` (its key in
+metrics) and a ``weight`` (its factor in the total); both are constructor arguments, so a YAML
+config names a reward by ``class_path`` and sets them under ``init_args``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from vlrl.rewards.extract import extract_boxed
+from vlrl.rewards.grading import is_correct
+
+__all__ = [
+    "RewardFunction",
+    "AccuracyReward",
+    "ThinkFormatReward",
+    "BoxedFormatReward",
+    "TagFormatReward",
+]
+
+
+def _snake_case(name: str) -> str:
+    """``AccuracyReward`` -> ``accuracy``: the class name in snake_case without the ``Reward`` suffix."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.removesuffix("Reward") or name).lower()
+
+
+class RewardFunction:
+    """Base of the reward callables: holds ``name`` and ``weight`` and validates them.
+
+    Subclasses implement ``__call__`` with the protocol of this module's docstring.
+
+    Args:
+        name: key of this reward in metrics and in ``RewardScores.components``; defaults to the
+            snake_case class name (``AccuracyReward`` -> ``accuracy``).
+        weight: factor of this reward in the total reward.
+    """
+
+    def __init__(self, name: str | None = None, weight: float = 1.0) -> None:
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ValueError(f"name={name!r}: give a non-empty string, or leave it unset")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise ValueError(f"weight={weight!r}: give a finite number such as 1.0")
+        self.name = name or _snake_case(type(self).__name__)
+        self.weight = float(weight)
+
+    def __call__(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[float]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
+
+
+class AccuracyReward(RewardFunction):
+    """1.0 if the final answer equals the gold answer (``vlrl.rewards.grading.is_correct``), else 0.0.
+
+    Args:
+        truncated_score: score of a response cut off by the length limit (finish reason
+            ``"length"``); None grades it like any other response.
+        name: see ``RewardFunction``.
+        weight: see ``RewardFunction``.
+
+    Example:
+        >>> reward = AccuracyReward()
+        >>> reward([r"so \\boxed{\\frac{1}{2}}", r"\\boxed{3}", r"\\boxed{0.5} and then"],
+        ...        answers=["0.5", "0.5", "0.5"], choices=[None, None, None],
+        ...        finish_reasons=["stop", "stop", "length"])
+        [1.0, 0.0, 0.0]
+    """
+
+    def __init__(self, truncated_score: float | None = 0.0, name: str | None = None, weight: float = 1.0) -> None:
+        super().__init__(name, weight)
+        if truncated_score is not None and not math.isfinite(truncated_score):
+            raise ValueError(f"truncated_score={truncated_score!r}: give a finite number or None")
+        self.truncated_score = truncated_score
+
+    def __call__(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[float]:
+        scores = []
+        for completion, answer, options, reason in zip(completions, answers, choices, finish_reasons, strict=True):
+            if reason == "length" and self.truncated_score is not None:
+                scores.append(float(self.truncated_score))
+            else:
+                scores.append(float(is_correct(completion, answer, options)))
+        return scores
+
+
+class TagFormatReward(RewardFunction):
+    """1.0 if the completion matches a regular expression (searched with DOTALL), else 0.0.
+
+    The default pattern is the ``<think>...</think><answer>...</answer>`` format of
+    UnifiedReward-Think.
+
+    Args:
+        pattern: the regular expression; anchor it with ``^``/``$`` to match the whole completion.
+        name: see ``RewardFunction``.
+        weight: see ``RewardFunction``.
+
+    Example:
+        >>> reward = TagFormatReward()
+        >>> reward(["<think>a vs b</think>\\n<answer>Image 1 is better</answer>", "Image 1"],
+        ...        answers=["", ""], choices=[None, None], finish_reasons=["stop", "stop"])
+        [1.0, 0.0]
+    """
+
+    def __init__(
+        self,
+        pattern: str = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$",
+        name: str | None = None,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(name, weight)
+        try:
+            self.pattern = re.compile(pattern, re.DOTALL)
+        except re.error as error:
+            raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {error}") from error
+
+    def __call__(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[float]:
+        return [float(self.pattern.search(c) is not None) for c in completions]
+
+
+class ThinkFormatReward(RewardFunction):
+    """1.0 if the completion is ``<think>...</think>`` followed by a non-empty answer, else 0.0.
+
+    Exactly one thinking block, opening the completion (leading whitespace allowed).
+
+    Example:
+        >>> reward = ThinkFormatReward()
+        >>> reward(["<think>2+2</think> It is 4.", "<think>2+2</think>", "It is 4."],
+        ...        answers=["4"] * 3, choices=[None] * 3, finish_reasons=["stop"] * 3)
+        [1.0, 0.0, 0.0]
+    """
+
+    def __call__(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[float]:
+        return [float(self._has_format(c)) for c in completions]
+
+    def _has_format(self, completion: str) -> bool:
+        stripped = completion.lstrip()
+        if not stripped.startswith("<think>") or stripped.count("<think>") != 1:
+            return False
+        _, sep, tail = stripped.partition("</think>")
+        return bool(sep) and "</think>" not in tail and bool(tail.strip())
+
+
+class BoxedFormatReward(RewardFunction):
+    """1.0 if the completion contains a complete, non-empty ``\\boxed{...}``, else 0.0.
+
+    Example:
+        >>> reward = BoxedFormatReward()
+        >>> reward([r"so \\boxed{42}", r"so \\boxed{42", "so 42"],
+        ...        answers=["42"] * 3, choices=[None] * 3, finish_reasons=["stop"] * 3)
+        [1.0, 0.0, 0.0]
+    """
+
+    def __call__(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[float]:
+        return [float(bool(extract_boxed(c))) for c in completions]
