@@ -23,7 +23,5 @@ class RLCallback(pl.Callback):
     def on_rollout_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout: Rollout) -> Rollout:
         return rollout
 
-    def on_advantages_computed(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout: Rollout
-    ) -> Rollout:
+    def on_advantages_computed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout: Rollout) -> Rollout:
         return rollout

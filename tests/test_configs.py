@@ -42,11 +42,19 @@ def test_config_keys_are_constructor_arguments(config):
 def test_model_help_shows_constructor_docstrings():
     out = subprocess.run(
         [sys.executable, "-m", "vlrl.cli", "fit", "--model.help", "vlrl.methods.GRPO"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
-    for phrase in ("--model.group_size", "Samples per prompt", "--model.eps_high",
-                   "clip-higher", "--model.kl_coef", "--model.policy.freeze_vision",
-                   "Freeze the vision tower"):
+    for phrase in (
+        "--model.group_size",
+        "Samples per prompt",
+        "--model.eps_high",
+        "clip-higher",
+        "--model.kl_coef",
+        "--model.policy.freeze_vision",
+        "Freeze the vision tower",
+    ):
         assert phrase in text, phrase

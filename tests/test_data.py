@@ -27,7 +27,8 @@ from vlrl.data import (
     save_split,
     strip_image_placeholders,
 )
-from vlrl.data.synthetic import COLOURS, KINDS
+from vlrl.data.loader import ResumableSampler
+from vlrl.data.synthetic import COLOURS, KINDS, main
 from vlrl.types import PromptBatch
 
 MATHV = Path(__file__).resolve().parent / "fixtures" / "mathv"
@@ -221,7 +222,11 @@ BAD_ROWS = {
     "missing_image": ({**GOOD, "images": ["gone.png"]}, "images", "gone.png does not exist"),
     "malformed_json": ('{"question": "Colour?", "answer": "red"', None, "is not valid JSON"),
     "wrong_type": ({**GOOD, "question": 42}, "question", "is a int"),
-    "missing_question": ({"images": ["ok.png"], "answer": "red"}, "question", "neither 'question' nor 'messages'"),
+    "missing_question": (
+        {"images": ["ok.png"], "answer": "red"},
+        "question",
+        "is missing (the row has neither 'question' nor 'messages')",
+    ),
 }
 
 
@@ -364,11 +369,47 @@ def test_synthetic_answers_match_the_pictures() -> None:
         assert row["question"].endswith("?")
 
 
+def test_synthetic_command_writes_readable_splits(tmp_path: Path) -> None:
+    main([str(tmp_path), "--train-size", "6", "--val-size", "3", "--test-size", "3"])
+    rows = Files(str(tmp_path / "train")).load().rows
+    assert [row.id for row in rows] == [f"train-{i:05d}" for i in range(6)]
+    assert [row.data_source for row in rows] == list(KINDS)
+    assert (tmp_path / "val" / "images" / "val-00002.png").is_file()
+
+
 def test_synthetic_source_feeds_the_datamodule() -> None:
     data = RLDataModule(train=Synthetic("train", size=12, image_size=28), batch_size=4, system_prompt=None)
     batch = next(iter(data.train_dataloader()))
     assert len(batch) == 4 and batch.messages[0][0]["role"] == "user"
     assert batch.images[0][0].size == (28, 28) and set(batch.data_sources) <= set(KINDS)
+
+
+# --- the sampler ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("drop_last", "num_batches"), [(True, 2), (False, 3)])
+def test_sampler_shards_a_seeded_order_over_ranks(drop_last: bool, num_batches: int) -> None:
+    ranks = [ResumableSampler(11, 2, seed=5, drop_last=drop_last, rank=r, world_size=2) for r in range(2)]
+    assert all(len(sampler) == num_batches for sampler in ranks)
+    batches = [sampler.batches(epoch=1) for sampler in ranks]
+    order = ranks[0].order(1).tolist()
+    padded = order if drop_last else order + order[:1]  # to a multiple of the 2 ranks
+    for j in range(num_batches):  # global batch j is a contiguous slice of the epoch's order
+        assert sorted(batches[0][j] + batches[1][j]) == sorted(padded[4 * j : 4 * (j + 1)])
+    seen = {i for rank in batches for batch in rank for i in batch}
+    assert seen == (set(range(11)) if not drop_last else set(order[:8]))
+    assert order == ResumableSampler(11, 2, seed=5).order(1).tolist() != ranks[0].order(2).tolist()
+
+
+def test_sampler_state_survives_a_batch_size_change() -> None:
+    sampler = ResumableSampler(40, batch_size=4, world_size=2)
+    sampler.set_epoch(3)
+    sampler.position = 3  # 24 rows consumed
+    resumed = ResumableSampler(40, batch_size=6, world_size=2)
+    resumed.load_state_dict(sampler.state_dict())
+    assert (resumed.epoch, resumed.position) == (3, 2)
+    resumed.set_epoch(4)
+    assert resumed.position == 0
 
 
 # --- resuming: the same data position after a restart ----------------------------------------------------------

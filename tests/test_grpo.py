@@ -60,17 +60,30 @@ def make_module(**overrides) -> GRPO:
 
 
 def make_data(batch_size: int = 2, size: int = 6) -> RLDataModule:
-    return RLDataModule(train=Synthetic("train", size=size), val=Synthetic("val", size=4), batch_size=batch_size,
-                        eval_batch_size=4, prompt_template="{question}\nAnswer in \\boxed{{}}.")
+    return RLDataModule(
+        train=Synthetic("train", size=size),
+        val=Synthetic("val", size=4),
+        batch_size=batch_size,
+        eval_batch_size=4,
+        prompt_template="{question}\nAnswer in \\boxed{{}}.",
+    )
 
 
 def fit(tmp: Path, max_steps: int, ckpt_path: str | None = None, every: int = 2, **module_kwargs):
     recorder = Recorder()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp,
-        callbacks=[recorder, ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=every, save_top_k=-1,
-                                             filename="{step}")],
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp,
+        callbacks=[
+            recorder,
+            ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=every, save_top_k=-1, filename="{step}"),
+        ],
     )
     module = make_module(**module_kwargs)
     trainer.fit(module, datamodule=make_data(), ckpt_path=ckpt_path)
@@ -81,16 +94,33 @@ def test_fit_updates_the_policy_and_logs_metrics(tmp_path):
     module = make_module()
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=make_data())
     assert trainer.global_step == 2
     changed = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
     assert any(".visual." in n for n in changed) and any("language_model" in n for n in changed)
     metrics = trainer.callback_metrics
-    for key in ("reward/mean", "reward/std", "reward/char", "reward/accuracy", "response/length_mean",
-                "update/clip_frac", "update/approx_kl", "update/entropy", "advantage/zero_group_frac",
-                "perf/rollout_tokens_per_s", "update/grad_norm"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "reward/char",
+        "reward/accuracy",
+        "response/length_mean",
+        "update/clip_frac",
+        "update/approx_kl",
+        "update/entropy",
+        "advantage/zero_group_frac",
+        "perf/rollout_tokens_per_s",
+        "update/grad_norm",
+    ):
         assert key in metrics, key
     assert metrics["reward/std"] > 0
     assert metrics["update/grad_norm"] > 0
@@ -142,8 +172,15 @@ def test_resume_continues_at_the_same_step_data_and_weights(tmp_path):
 
 def test_lora_with_kl_to_the_adapter_disabled_policy(tmp_path):
     module = make_module(policy=Policy("tiny:qwen2_5_vl", dtype="float32", lora=LoRA(rank=4, alpha=8)), kl_coef=0.1)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=make_data())
     assert "update/kl_ref" in trainer.callback_metrics
     assert torch.isfinite(trainer.callback_metrics["update/kl_ref"])
@@ -151,12 +188,20 @@ def test_lora_with_kl_to_the_adapter_disabled_policy(tmp_path):
 
 
 def test_reference_model_kl_and_frozen_vision():
-    module = make_module(policy=Policy("tiny:qwen2_5_vl", dtype="float32", freeze_vision=True), kl_coef=0.05,
-                         mini_batch_size=4)
+    module = make_module(
+        policy=Policy("tiny:qwen2_5_vl", dtype="float32", freeze_vision=True), kl_coef=0.05, mini_batch_size=4
+    )
     module.configure_model()
     visual = {n: p.detach().clone() for n, p in module.model.named_parameters() if ".visual." in n}
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=make_data(batch_size=2))  # 8 samples / 4 per mini-batch = 2 steps per rollout
     assert trainer.global_step == 4
     assert len(module._ref_model) == 1
@@ -180,7 +225,14 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 
 def test_mini_batch_that_does_not_divide_the_rollout_is_named():
     module = make_module(mini_batch_size=3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     with pytest.raises(ValueError, match="mini_batch_size=3 does not divide"):
         trainer.fit(module, datamodule=make_data())

@@ -49,7 +49,10 @@ def test_text_model_loads_with_tokenizer_and_chat_template():
     assert type(model).__name__ == "Qwen2ForCausalLM"
     enc = encode_prompt(tok, [{"role": "user", "content": "What is 2 + 3?"}], [])
     assert enc.media_inputs == {}
-    assert tok.decode(enc.token_inputs["input_ids"][0]) == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(enc.token_inputs["input_ids"][0])
+        == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match="text tokenizer only"):
         encode_prompt(tok, _image_message("x"), [Image.new("RGB", (8, 8))])
 
@@ -70,13 +73,22 @@ def test_second_vlm_family_llava_onevision(tmp_path):
 
 
 def test_real_qwen_vocabulary_variant(tmp_path, shared_data):
-    path = build_qwen2_5_vl(tmp_path / "real", real_vocab_dir=shared_data / "tokenizers" / "qwen2.5", hidden=64, layers=1)
+    path = build_qwen2_5_vl(
+        tmp_path / "real", real_vocab_dir=shared_data / "tokenizers" / "qwen2.5", hidden=64, layers=1
+    )
     model, processor = Policy(str(path), dtype="float32").load()
     tok = processor.tokenizer
     assert len(tok) == 151643 + len(QWEN_SPECIAL_TOKENS)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
-    real_ids = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
-                "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+    real_ids = {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|image_pad|>": 151655,
+        "<|video_pad|>": 151656,
+    }
     assert {t: tok.convert_tokens_to_ids(t) for t in real_ids} == real_ids
     assert tok("Hello world")["input_ids"] == [9707, 1879]  # the ids real Qwen2.5 checkpoints use
     assert model.config.image_token_id == 151655

@@ -21,7 +21,7 @@ def vlm():
     texts = ["What colour is the square?", "Which side holds the big circle, left or right?"]
     prompts = [
         encode_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}], [im])
-        for t, im in zip(texts, images)
+        for t, im in zip(texts, images, strict=True)
     ]
     return model, processor, engine, prompts
 
@@ -30,7 +30,7 @@ def _recompute(model, engine, prompts, gen, temperature):
     batch = collate(prompts, engine.pad_id, gen.response_ids, gen.response_mask)
     width = gen.response_ids.shape[1]
     with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits[:, -width - 1:-1]
+        logits = model(**batch, use_cache=False).logits[:, -width - 1 : -1]
     return token_logprobs(logits, gen.response_ids, temperature) * gen.response_mask
 
 
@@ -55,7 +55,9 @@ def test_sampling_is_seeded_true_sampling_and_skips_vision_tokens(vlm):
     assert torch.equal(a.response_ids, b.response_ids)
     assert not torch.equal(a.response_ids, c.response_ids)
     assert len({tuple(r) for r in a.response_ids.tolist()}) > 1  # G samples differ from each other
-    vision = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    vision = [
+        processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+    ]
     assert not torch.isin(a.response_ids, torch.tensor(vision)).any()
     # a random tiny model spreads its mass over the vocabulary: true sampling (top_k off) reaches
     # tokens far outside the 50 most likely ones

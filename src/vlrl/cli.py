@@ -1,8 +1,8 @@
 """The ``lightning-cli`` / ``vlrl`` console scripts: LightningCLI over any vlrl method and datamodule.
 
-    lightning-cli fit --config configs/demo/grpo.yaml
-    lightning-cli fit --model.help vlrl.methods.GRPO      # every constructor argument, documented
-    lightning-cli test --config configs/demo/grpo.yaml --ckpt_path last.ckpt
+lightning-cli fit --config configs/demo/grpo.yaml
+lightning-cli fit --model.help vlrl.methods.GRPO      # every constructor argument, documented
+lightning-cli test --config configs/demo/grpo.yaml --ckpt_path last.ckpt
 """
 
 from __future__ import annotations

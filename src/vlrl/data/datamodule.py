@@ -159,8 +159,8 @@ class RLDataModule(LightningDataModule):
         source = self.sources[split]
         assert source is not None
         loaded = source.load(self.on_bad_row)
-        if loaded.skipped:
-            total = sum(loaded.skipped.values())
+        total = sum(loaded.skipped.values())
+        if total:
             for reason, count in loaded.skipped.items():
                 self.skipped_rows[f"{split}/{reason}"] = count
             details = "; ".join(
@@ -169,9 +169,8 @@ class RLDataModule(LightningDataModule):
             rank_zero_warn(f"Skipped {total} bad row(s) of {split} source {source!r} ({details})")
         if not loaded.rows:
             raise DataError(
-                f"{split} source {source!r} has no usable rows",
-                "check the source's path and column_mapping",
-                field=split,
+                f"{split} source {source!r} has no usable rows ({total} skipped as bad)",
+                "check the source's path and column_mapping, and the warning about skipped rows",
                 reason="config",
                 skippable=False,
             )

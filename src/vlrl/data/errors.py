@@ -46,5 +46,6 @@ class DataError(ValueError):
         self.problem = problem
         place = f"{where}: " if where is not None else ""
         subject = f"field '{field}' " if field else ""
+        self.detail = f"{place}{subject}{problem}. Fix: {fix}"  # without the hint to skip
         hint = f"; {SKIP_HINT}" if skippable and isinstance(where, RowLocation) else ""
-        super().__init__(f"{place}{subject}{problem}. Fix: {fix}{hint}.")
+        super().__init__(f"{self.detail}{hint}.")

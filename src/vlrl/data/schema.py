@@ -75,11 +75,12 @@ def validate_row(
         )
     values = _resolve_aliases(record, where)
     images = _images(values.pop("images", None), where, base_dir)
-    question = _question(values.pop("question", None), where)
+    given_question = values.pop("question", None)
+    question = _question(given_question, where)
     messages = _messages(values.pop("messages", None), len(images), where)
     if question is None and messages is None:
         raise DataError(
-            "the row has neither 'question' nor 'messages'",
+            "is empty" if given_question is not None else "is missing (the row has neither 'question' nor 'messages')",
             "add a non-empty 'question' (or a chat 'messages' list), or map your prompt column to "
             "'question' with `column_mapping`",
             where=where,

@@ -106,7 +106,7 @@ class Source(ABC):
                 if on_bad_row == "error":
                     raise
                 loaded.skipped[error.reason] += 1
-                loaded.first_error.setdefault(error.reason, str(error))
+                loaded.first_error.setdefault(error.reason, error.detail)
                 continue
             loaded.rows.append(row)
         return loaded
@@ -128,10 +128,8 @@ class Source(ABC):
         missing = [column for column in self.column_mapping if column not in columns]
         if missing and columns:
             raise DataError(
-                f"column_mapping names column(s) {missing} that {self} does not have; available columns: "
-                f"{list(columns)}",
+                f"names column(s) {missing} that {self} does not have; available columns: {list(columns)}",
                 "map only columns that exist (source column -> schema field)",
-                where=str(self),
                 field="column_mapping",
                 reason="config",
                 skippable=False,
@@ -187,9 +185,8 @@ class Files(Source):
                 found = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
                 if not found:
                     raise DataError(
-                        f"folder {path} holds no {'/'.join(FILE_SUFFIXES)} files",
+                        f"path {path} is a folder without {'/'.join(FILE_SUFFIXES)} files",
                         "point `path` at a folder with data files, or at the files themselves",
-                        field="path",
                         reason="config",
                         skippable=False,
                     )
@@ -199,10 +196,9 @@ class Files(Source):
             else:
                 problem = "does not exist" if not path.exists() else f"is not a {'/'.join(FILE_SUFFIXES)} file"
                 raise DataError(
-                    f"{path} {problem}",
+                    f"path {path} {problem}",
                     "give a .jsonl or .parquet file, or a folder of them (relative paths start at the "
                     "working directory)",
-                    field="path",
                     reason="config",
                     skippable=False,
                 )

@@ -84,7 +84,7 @@ def _shape(rng: random.Random, s: int) -> Scene:
 
 
 def _position(rng: random.Random, s: int) -> Scene:
-    size = rng.randint(round(0.3 * s), round(0.45 * s))
+    size = rng.randint(round(0.4 * s), round(0.5 * s))
     side = rng.choice(("left", "right", "top", "bottom"))
     half = s // 2
     near = _box(rng, 0, half, size) if side in ("left", "top") else _box(rng, s - half, s, size)

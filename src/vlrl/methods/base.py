@@ -30,7 +30,7 @@ from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.rewards import RewardFunction, is_correct, score
 from vlrl.rollout import HFEngine, RolloutEngine, Sampling
-from vlrl.types import EncodedPrompt, PromptBatch, Rollout
+from vlrl.types import PromptBatch, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ class RLMethod(pl.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # ------------------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -167,9 +170,14 @@ class RLMethod(pl.LightningModule):
         out = self.rollout_engine.generate(prompts, sampling, seed=seed)
         texts = self.tokenizer.batch_decode(out.response_ids * out.response_mask.long(), skip_special_tokens=True)
         return Rollout(
-            prompts=prompts, response_ids=out.response_ids, response_mask=out.response_mask,
-            logprobs=out.logprobs, texts=texts, finish_reasons=out.finish_reasons,
-            group_index=torch.arange(len(batch)).repeat_interleave(group_size), batch=batch,
+            prompts=prompts,
+            response_ids=out.response_ids,
+            response_mask=out.response_mask,
+            logprobs=out.logprobs,
+            texts=texts,
+            finish_reasons=out.finish_reasons,
+            group_index=torch.arange(len(batch)).repeat_interleave(group_size),
+            batch=batch,
         )
 
     def run_callbacks(self, hook: str, rollout: Rollout) -> Rollout:
@@ -182,9 +190,13 @@ class RLMethod(pl.LightningModule):
         """Rewards of every sample: the weighted sum of the reward functions."""
         idx = rollout.group_index.tolist()
         scores = score(
-            self.rewards, rollout.texts, answers=[rollout.batch.answers[i] for i in idx],
-            choices=[rollout.batch.choices[i] for i in idx], finish_reasons=rollout.finish_reasons,
-            data_sources=[rollout.batch.data_sources[i] for i in idx], time_budget_s=self.reward_time_budget_s,
+            self.rewards,
+            rollout.texts,
+            answers=[rollout.batch.answers[i] for i in idx],
+            choices=[rollout.batch.choices[i] for i in idx],
+            finish_reasons=rollout.finish_reasons,
+            data_sources=[rollout.batch.data_sources[i] for i in idx],
+            time_budget_s=self.reward_time_budget_s,
         )
         rollout.rewards = scores.total
         rollout.reward_components = scores.components
@@ -195,8 +207,14 @@ class RLMethod(pl.LightningModule):
         """``[N]`` or ``[N, T]`` advantages of the rollout's samples."""
         raise NotImplementedError
 
-    def loss(self, rollout: Rollout, logprobs: torch.Tensor, entropy: torch.Tensor,
-             num_tokens: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        rollout: Rollout,
+        logprobs: torch.Tensor,
+        entropy: torch.Tensor,
+        num_tokens: torch.Tensor,
+        num_sequences: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch (already normalised for the whole mini-batch) and its metrics."""
         raise NotImplementedError
 
@@ -225,7 +243,7 @@ class RLMethod(pl.LightningModule):
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
             for start in range(0, n, size):
-                stats = self.optimizer_step(rollout.select(order[start:start + size]), optimizer, scheduler)
+                stats = self.optimizer_step(rollout.select(order[start : start + size]), optimizer, scheduler)
                 for k, v in stats.items():
                     sums[k] += v
                 count += 1
@@ -267,10 +285,11 @@ class RLMethod(pl.LightningModule):
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
         inputs = to_device(
             collate(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask),
-            self.device, self.model.dtype,
+            self.device,
+            self.model.dtype,
         )
         width = rollout.response_ids.shape[1]
-        logits = model(**inputs, use_cache=False).logits[:, -width - 1:-1]  # [n, T, V] predicting responses
+        logits = model(**inputs, use_cache=False).logits[:, -width - 1 : -1]  # [n, T, V] predicting responses
         temperature = self.sampling.temperature or 1.0
         response = rollout.response_ids.to(self.device)
         logprobs = token_logprobs(logits, response, temperature)  # [n, T]
@@ -328,5 +347,6 @@ class RLMethod(pl.LightningModule):
     def log_metrics(self, metrics: dict[str, float]) -> None:
         bar = {"reward/mean": "reward", "reward/accuracy": "acc", "response/length_mean": "len"}  # short names
         self.log_dict({k: v for k, v in metrics.items()}, prog_bar=False, batch_size=1)
-        self.log_dict({short: metrics[k] for k, short in bar.items() if k in metrics}, prog_bar=True, logger=False,
-                      batch_size=1)
+        self.log_dict(
+            {short: metrics[k] for k, short in bar.items() if k in metrics}, prog_bar=True, logger=False, batch_size=1
+        )

@@ -108,22 +108,44 @@ class GRPO(RLMethod):
                     parts.append(self.policy_logprobs(self.model, micro)[0])
         rollout.ref_logprobs = torch.cat(parts).detach()  # [N, T]
 
-    def loss(self, rollout: Rollout, logprobs: torch.Tensor, entropy: torch.Tensor,
-             num_tokens: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        rollout: Rollout,
+        logprobs: torch.Tensor,
+        entropy: torch.Tensor,
+        num_tokens: torch.Tensor,
+        num_sequences: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = rollout.response_mask.to(logprobs.device)  # [n, T]
         old = rollout.logprobs.to(logprobs.device)  # [n, T]
-        out = policy_loss(logprobs, old, rollout.advantages.to(logprobs.device), mask,
-                          eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip)
+        out = policy_loss(
+            logprobs,
+            old,
+            rollout.advantages.to(logprobs.device),
+            mask,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            dual_clip=self.dual_clip,
+        )
         per_token = out.per_token  # [n, T]
-        stats = {"update/clip_frac": out.clip_fraction, "update/approx_kl": out.approx_kl,
-                 "update/entropy": masked_mean(entropy.detach(), mask)}
+        stats = {
+            "update/clip_frac": out.clip_fraction,
+            "update/approx_kl": out.approx_kl,
+            "update/entropy": masked_mean(entropy.detach(), mask),
+        }
         if self.kl_coef > 0:
             kl = kl_penalty(logprobs, rollout.ref_logprobs.to(logprobs.device), self.kl_estimator)  # [n, T]
             per_token = per_token + self.kl_coef * kl
             stats["update/kl_ref"] = masked_mean(kl.detach(), mask)
         if self.entropy_coef:
             per_token = per_token - self.entropy_coef * entropy
-        loss = aggregate_loss(per_token, mask, self.loss_aggregation, num_tokens=num_tokens,
-                              num_sequences=num_sequences, max_len=self.sampling.max_new_tokens)
+        loss = aggregate_loss(
+            per_token,
+            mask,
+            self.loss_aggregation,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            max_len=self.sampling.max_new_tokens,
+        )
         stats["update/policy_loss"] = masked_mean(out.per_token.detach(), mask)
         return loss, {k: v.detach() for k, v in stats.items()}

@@ -53,7 +53,9 @@ def extend_prompt(prompt: EncodedPrompt, tokens: torch.Tensor) -> EncodedPrompt:
 
 
 def collate(
-    prompts: list[EncodedPrompt], pad_id: int, responses: torch.Tensor | None = None,
+    prompts: list[EncodedPrompt],
+    pad_id: int,
+    responses: torch.Tensor | None = None,
     response_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One model-input batch: prompts left-padded, optional responses appended (right-padded).

@@ -14,7 +14,12 @@ from typing import Literal
 
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
     ProcessorMixin,
 )
 
@@ -95,13 +100,18 @@ class Policy:
         config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
         self._is_vlm = getattr(config, "vision_config", None) is not None
         auto = AutoModelForImageTextToText if self._is_vlm else AutoModelForCausalLM
-        kwargs = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation,
-                      trust_remote_code=self.trust_remote_code)
+        kwargs = dict(
+            dtype=DTYPES[self.dtype],
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
         if self.quantization == "nf4":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[self.dtype],
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=DTYPES[self.dtype],
                 bnb_4bit_use_double_quant=True,
             )
         model = auto.from_pretrained(path, **kwargs)
@@ -117,8 +127,12 @@ class Policy:
     def load_processor(self, path: str | None = None):
         path = path or self.path
         if self._is_vlm is None:
-            self._is_vlm = getattr(AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code),
-                                   "vision_config", None) is not None
+            self._is_vlm = (
+                getattr(
+                    AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code), "vision_config", None
+                )
+                is not None
+            )
         if not self._is_vlm:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             tok.padding_side = "left"
@@ -135,12 +149,12 @@ class Policy:
 
 def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The vision tower and projector modules of a VLM (empty for a text model)."""
-    found = []
+    found: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in VISION_MODULE_NAMES and not any(name.startswith(f + ".") for f in found):
-            found.append(name)
-    modules = dict(model.named_modules())
-    return [modules[n] for n in found]
+        outermost = not any(name.startswith(f + ".") for f in found)
+        if name.rsplit(".", 1)[-1] in VISION_MODULE_NAMES and outermost:
+            found[name] = module
+    return list(found.values())
 
 
 def freeze(modules: list[torch.nn.Module]) -> None:
@@ -154,8 +168,14 @@ def apply_lora(model: torch.nn.Module, lora: LoRA, quantized: bool = False) -> t
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     exclude = None if lora.include_vision else rf".*\.({'|'.join(VISION_MODULE_NAMES)})\..*"
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, exclude_modules=exclude, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        exclude_modules=exclude,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 

@@ -34,11 +34,28 @@ SEED = 1234
 
 # The special tokens of Qwen2.5, in the order of their real ids (151643 onwards).
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 REAL_VOCAB_SIZE = 151643  # regular tokens in the real Qwen2.5 vocabulary
 
@@ -62,13 +79,86 @@ LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|visi
 
 def _corpus() -> Iterator[str]:
     """Text the tiny BPE is trained on: words of the synthetic task, math and chat formatting."""
-    words = (
-        "what colour color is the shape square circle triangle red green blue yellow how many "
-        "shapes are there which side left right top bottom larger smaller bigger number sum of two "
-        "digits drawn in image answer question please reason step by step and put your final within "
-        "boxed think wait let's double check does it seem right there might be a mistake caption "
-        "describe detail the a an of to yes no image 1 2 better first second"
-    ).split()
+    words = [
+        "what",
+        "colour",
+        "color",
+        "is",
+        "the",
+        "shape",
+        "square",
+        "circle",
+        "triangle",
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "how",
+        "many",
+        "shapes",
+        "are",
+        "there",
+        "which",
+        "side",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "larger",
+        "smaller",
+        "bigger",
+        "number",
+        "sum",
+        "of",
+        "two",
+        "digits",
+        "drawn",
+        "in",
+        "image",
+        "answer",
+        "question",
+        "please",
+        "reason",
+        "step",
+        "by",
+        "step",
+        "and",
+        "put",
+        "your",
+        "final",
+        "within",
+        "boxed",
+        "think",
+        "wait",
+        "let's",
+        "double",
+        "check",
+        "does",
+        "it",
+        "seem",
+        "right",
+        "there",
+        "might",
+        "be",
+        "a",
+        "mistake",
+        "caption",
+        "describe",
+        "detail",
+        "the",
+        "a",
+        "an",
+        "of",
+        "to",
+        "yes",
+        "no",
+        "image",
+        "1",
+        "2",
+        "better",
+        "first",
+        "second",
+    ]
     math = ["\\boxed{", "}", "\\frac{", "<think>", "</think>", "<answer>", "</answer>", "Answer:", "\n\n"]
     for i in range(200):
         yield " ".join(words[(i * 7 + k) % len(words)] for k in range(12))
@@ -134,9 +224,17 @@ def _vision_processors(min_pixels: int, max_pixels: int) -> dict:
     return {"image_processor": Qwen2VLImageProcessor(size=size), "video_processor": Qwen2VLVideoProcessor(size=size)}
 
 
-def build_qwen2_5_vl(out_dir: str | Path, *, real_vocab_dir: str | Path | None = None, hidden: int = 128,
-                     layers: int = 4, vision_hidden: int = 64, vision_layers: int = 2,
-                     min_pixels: int = 56 * 56, max_pixels: int = 16 * 28 * 28) -> Path:
+def build_qwen2_5_vl(
+    out_dir: str | Path,
+    *,
+    real_vocab_dir: str | Path | None = None,
+    hidden: int = 128,
+    layers: int = 4,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 16 * 28 * 28,
+) -> Path:
     """Write a tiny random Qwen2.5-VL with tokenizer, chat template and processor to ``out_dir``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -145,15 +243,29 @@ def build_qwen2_5_vl(out_dir: str | Path, *, real_vocab_dir: str | Path | None =
     half = 32 // 2  # mrope_section must sum to head_dim / 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, half - 10]}
     vision = dict(
-        depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-        num_heads=vision_hidden // 32, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_layers - 1],
+        depth=vision_layers,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=vision_hidden // 32,
+        out_hidden_size=hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[vision_layers - 1],
     )
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
     config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
         **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
     torch.manual_seed(SEED)
@@ -170,16 +282,22 @@ def build_qwen2(out_dir: str | Path, *, hidden: int = 128, layers: int = 4) -> P
 
     tok = build_tokenizer()
     torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(Qwen2Config(**_text_kwargs(tok, hidden, layers), rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(**_text_kwargs(tok, hidden, layers), rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    )
     return _save(model, tok, out_dir)
 
 
-def build_llava_onevision(out_dir: str | Path, *, hidden: int = 128, layers: int = 2, vision_hidden: int = 64,
-                          image_size: int = 56) -> Path:
+def build_llava_onevision(
+    out_dir: str | Path, *, hidden: int = 128, layers: int = 2, vision_hidden: int = 64, image_size: int = 56
+) -> Path:
     """Write a tiny random LLaVA-OneVision (SigLIP + Qwen2) with its own processor to ``out_dir``."""
     from transformers import (
-        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
     )
 
     tok = build_tokenizer()
@@ -187,8 +305,13 @@ def build_llava_onevision(out_dir: str | Path, *, hidden: int = 128, layers: int
     tok.chat_template = LLAVA_CHAT_TEMPLATE
     patch = 14
     vision = dict(
-        model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-        num_hidden_layers=2, num_attention_heads=vision_hidden // 32, image_size=image_size, patch_size=patch,
+        model_type="siglip_vision_model",
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=vision_hidden // 32,
+        image_size=image_size,
+        patch_size=patch,
     )
     config = LlavaOnevisionConfig(
         text_config={"model_type": "qwen2", **_text_kwargs(tok, hidden, layers)},
@@ -204,13 +327,17 @@ def build_llava_onevision(out_dir: str | Path, *, hidden: int = 128, layers: int
     torch.manual_seed(SEED)
     model = LlavaOnevisionForConditionalGeneration(config)
     image_processor = LlavaOnevisionImageProcessor(
-        size={"height": image_size, "width": image_size}, image_grid_pinpoints=[[image_size, image_size]],
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=[[image_size, image_size]],
         do_pad=True,
     )
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=LLAVA_CHAT_TEMPLATE,
         video_processor=LlavaOnevisionVideoProcessor(size={"height": image_size, "width": image_size}),
-        num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
+        num_image_tokens=(image_size // patch) ** 2,
+        vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_1",
     )
     return _save(model, processor, out_dir)
@@ -241,7 +368,7 @@ def resolve_model_path(path: str) -> str:
     """Return ``path`` unchanged, or build ``tiny:NAME`` once into the cache and return its folder."""
     if not path.startswith(TINY_PREFIX):
         return path
-    name = path[len(TINY_PREFIX):]
+    name = path[len(TINY_PREFIX) :]
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {path!r}; choose one of {', '.join(TINY_PREFIX + n for n in BUILDERS)}")
     target = cache_dir() / name

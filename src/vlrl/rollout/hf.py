@@ -18,8 +18,14 @@ from vlrl.rollout.base import Generation, Sampling
 from vlrl.types import EncodedPrompt
 
 # Config attributes naming vision special tokens, across model families.
-VISION_TOKEN_ATTRS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                      "image_token_index", "video_token_index")
+VISION_TOKEN_ATTRS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "image_token_index",
+    "video_token_index",
+)
 
 
 class HFEngine:
@@ -62,7 +68,7 @@ class HFEngine:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed)
-                chunks = [self._generate(prompts[i:i + size], sampling, device) for i in range(0, len(prompts), size)]
+                chunks = [self._generate(prompts[i : i + size], sampling, device) for i in range(0, len(prompts), size)]
         finally:
             self.model.train(was_training)
         return _concat(chunks, self.pad_id)
@@ -71,11 +77,17 @@ class HFEngine:
         batch = to_device(collate(prompts, self.pad_id), device, self.model.dtype)
         greedy = sampling.temperature == 0
         config = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
-            return_dict_in_generate=True, output_logits=True,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress_ids or None,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
         out = self.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]
@@ -88,7 +100,9 @@ class HFEngine:
         mask = (torch.arange(response.shape[1]) <= first_stop[:, None]).float()  # [n, T]
         response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
         return Generation(
-            response_ids=response, response_mask=mask, logprobs=logprobs * mask,
+            response_ids=response,
+            response_mask=mask,
+            logprobs=logprobs * mask,
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
 
