@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlrl.callbacks import RLCallback
-from vlrl.data import RLDataModule, Synthetic
+from vlrl.data import Files, RLDataModule, Synthetic
 from vlrl.methods import GRPO
 from vlrl.models import LoRA, Policy
 from vlrl.rewards import AccuracyReward, RewardFunction
@@ -125,6 +125,54 @@ def test_fit_updates_the_policy_and_logs_metrics(tmp_path):
     assert metrics["reward/std"] > 0
     assert metrics["update/grad_norm"] > 0
     assert 0 < metrics["update/entropy"] <= torch.log(torch.tensor(float(module.model.config.text_config.vocab_size)))
+
+
+@pytest.mark.parametrize("model_path", ["tiny:llava_onevision"])
+def test_fit_is_model_agnostic(model_path):
+    """The same step trains another VLM family (SigLIP + Qwen2 LLaVA-OneVision), loaded by the Auto classes."""
+    module = make_module(policy=Policy(model_path, dtype="float32"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=make_data())
+    assert type(module.model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert trainer.global_step == 1
+    assert trainer.callback_metrics["update/grad_norm"] > 0
+
+
+def test_real_mathv_rows_go_through_the_whole_step():
+    """Real MATH-V images and questions (multiple choice included) through processor, rollout and update."""
+    fixture = Path(__file__).parent / "fixtures" / "mathv" / "data.jsonl"
+    data = RLDataModule(
+        train=Files(str(fixture)),
+        val=Files(str(fixture)),
+        batch_size=4,
+        eval_batch_size=8,
+        max_pixels=28 * 28 * 16,
+        prompt_template="{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    )
+    module = make_module()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    assert "val/accuracy" in trainer.callback_metrics
+    assert torch.isfinite(trainer.callback_metrics["reward/mean"])
 
 
 def test_grpo_step_raises_the_probability_of_rewarded_samples():

@@ -7,11 +7,16 @@ lightning-cli test --config configs/demo/grpo.yaml --ckpt_path last.ckpt
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 
 def main(args: list[str] | None = None) -> None:
+    # In RL the state after the step's updates is exactly what a checkpoint should hold; Lightning's
+    # warning about manual optimization and every_n_train_steps says otherwise, so it is silenced.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
