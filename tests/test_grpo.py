@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -160,7 +161,22 @@ def test_real_mathv_rows_go_through_the_whole_step():
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2
     assert "val/accuracy" in trainer.callback_metrics
+
     assert torch.isfinite(trainer.callback_metrics["reward/mean"])
+
+
+def test_skipped_bad_rows_are_logged_as_metrics(tmp_path):
+    rows = (Path(__file__).parent / "fixtures" / "mathv" / "data.jsonl").read_text().splitlines()
+    broken = json.loads(rows[0]) | {"answer": ""}
+    (tmp_path / "images").symlink_to(Path(__file__).parent / "fixtures" / "mathv" / "images")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([*rows[:4], json.dumps(broken), "{not json"]) + "\n")
+    data = RLDataModule(train=Files(str(path)), batch_size=2, max_pixels=28 * 28 * 16, on_bad_row="skip")
+    trainer = cpu_trainer(max_steps=1)
+    trainer.fit(make_module(), datamodule=data)
+    metrics = trainer.callback_metrics
+    skipped = {k: v.item() for k, v in metrics.items() if k.startswith("data/skipped/")}
+    assert skipped == {"data/skipped/train/missing_answer": 1.0, "data/skipped/train/malformed_json": 1.0}
 
 
 def test_grpo_step_raises_the_probability_of_rewarded_samples():

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from vlrl.algorithms import entropy_from_logits, token_logprobs
 from vlrl.callbacks.base import RLCallback
+from vlrl.data import RLDataModule
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
@@ -338,6 +339,9 @@ class RLMethod(pl.LightningModule):
         for name, values in rollout.reward_components.items():
             out[f"reward/{name}"] = values.float().mean().item()
         out.update(rollout.stats)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, RLDataModule):
+            out.update({f"data/skipped/{k}": float(v) for k, v in datamodule.skipped_rows.items()})
         if rollout.advantages is not None and rollout.advantages.dim() == 1:
             groups = rollout.group_index
             zero = [bool((rollout.advantages[groups == g].abs() < 1e-8).all()) for g in groups.unique()]
