@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.test_grpo import Recorder, make_data, make_module
+from tests.test_grpo import Recorder, make_data, make_module, quiet_trainer
 from vlrl.models import Policy
 from vlrl.rollout import Sampling
 
@@ -22,18 +22,13 @@ def test_grpo_fit_on_cuda_in_bfloat16():
             devices.append((pl_module.device.type, next(pl_module.model.parameters()).dtype))
             return rollout
 
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         callbacks=[DeviceRecorder()],
         accelerator="gpu",
         devices=1,
         max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         limit_val_batches=1,
         val_check_interval=2,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=make_data())
     assert trainer.global_step == 2

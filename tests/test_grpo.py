@@ -70,8 +70,8 @@ def make_data(batch_size: int = 2, size: int = 6) -> RLDataModule:
     )
 
 
-def cpu_trainer(**overrides) -> pl.Trainer:
-    """A quiet CPU trainer without logger or checkpoints (override any argument)."""
+def quiet_trainer(**overrides) -> pl.Trainer:
+    """A quiet trainer (CPU by default) without logger or checkpoints; override any argument."""
     kwargs = dict(
         accelerator="cpu",
         logger=False,
@@ -109,7 +109,7 @@ def test_fit_updates_the_policy_and_logs_metrics(tmp_path):
     module = make_module()
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = cpu_trainer(max_steps=2)
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(module, datamodule=make_data())
     assert trainer.global_step == 2
     changed = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
@@ -138,7 +138,7 @@ def test_fit_updates_the_policy_and_logs_metrics(tmp_path):
 def test_fit_is_model_agnostic(model_path):
     """The same step trains another VLM family (SigLIP + Qwen2 LLaVA-OneVision), loaded by the Auto classes."""
     module = make_module(policy=Policy(model_path, dtype="float32"))
-    trainer = cpu_trainer(max_steps=1)
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(module, datamodule=make_data())
     assert type(module.model).__name__ == "LlavaOnevisionForConditionalGeneration"
     assert trainer.global_step == 1
@@ -157,7 +157,7 @@ def test_real_mathv_rows_go_through_the_whole_step():
         prompt_template="{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
     )
     module = make_module()
-    trainer = cpu_trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2
     assert "val/accuracy" in trainer.callback_metrics
@@ -172,7 +172,7 @@ def test_skipped_bad_rows_are_logged_as_metrics(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join([*rows[:4], json.dumps(broken), "{not json"]) + "\n")
     data = RLDataModule(train=Files(str(path)), batch_size=2, max_pixels=28 * 28 * 16, on_bad_row="skip")
-    trainer = cpu_trainer(max_steps=1)
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(make_module(), datamodule=data)
     metrics = trainer.callback_metrics
     skipped = {k: v.item() for k, v in metrics.items() if k.startswith("data/skipped/")}
@@ -224,7 +224,7 @@ def test_resume_continues_at_the_same_step_data_and_weights(tmp_path):
 
 def test_lora_with_kl_to_the_adapter_disabled_policy(tmp_path):
     module = make_module(policy=Policy("tiny:qwen2_5_vl", dtype="float32", lora=LoRA(rank=4, alpha=8)), kl_coef=0.1)
-    trainer = cpu_trainer(max_steps=2)
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(module, datamodule=make_data())
     assert "update/kl_ref" in trainer.callback_metrics
     assert torch.isfinite(trainer.callback_metrics["update/kl_ref"])
@@ -237,7 +237,7 @@ def test_reference_model_kl_and_frozen_vision():
     )
     module.configure_model()
     visual = {n: p.detach().clone() for n, p in module.model.named_parameters() if ".visual." in n}
-    trainer = cpu_trainer(max_steps=4)
+    trainer = quiet_trainer(max_steps=4)
     trainer.fit(module, datamodule=make_data(batch_size=2))  # 8 samples / 4 per mini-batch = 2 steps per rollout
     assert trainer.global_step == 4
     assert len(module._ref_model) == 1
@@ -261,6 +261,6 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 
 def test_mini_batch_that_does_not_divide_the_rollout_is_named():
     module = make_module(mini_batch_size=3)
-    trainer = cpu_trainer(max_steps=1)
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match="mini_batch_size=3 does not divide"):
         trainer.fit(module, datamodule=make_data())
