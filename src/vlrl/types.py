@@ -30,6 +30,11 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """``[N, T]`` tokens the loss is taken over: ``loss_mask`` if set, else ``response_mask``."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
+
     def select(self, index: list[int]) -> PromptBatch:
         """The prompts at ``index`` (repeats allowed), as a new batch."""
         return PromptBatch(
@@ -83,6 +88,8 @@ class Rollout:
     advantages: torch.Tensor | None = None  # [N] (group) or [N, T] (GAE)
     values: torch.Tensor | None = None  # [N, T] critic values at generation time
     ref_logprobs: torch.Tensor | None = None  # [N, T]
+    loss_mask: torch.Tensor | None = None  # [N, T] float; set when the loss trains on fewer tokens than
+    # response_mask holds (e.g. inserted rethinking triggers); None = response_mask
     extras: dict[str, Any] = field(default_factory=dict)  # per-sample lists/tensors added by callbacks
     stats: dict[str, float] = field(default_factory=dict)  # step-level figures to log; not per sample
 
@@ -93,6 +100,11 @@ class Rollout:
     def group_size(self) -> int:
         """Samples per prompt (``G``); 1 if the rollout is empty."""
         return max(1, len(self) // max(1, len(self.batch)))
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """``[N, T]`` tokens the loss is taken over: ``loss_mask`` if set, else ``response_mask``."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: torch.Tensor | list[int]) -> Rollout:
         """The samples at ``index`` (repeats allowed), with every per-sample field indexed alike."""

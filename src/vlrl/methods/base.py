@@ -254,7 +254,7 @@ class RLMethod(pl.LightningModule):
         """One optimizer step on a mini-batch, accumulated over micro-batches."""
         world = self.trainer.world_size
         # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
-        num_tokens = self.all_reduce_sum(mini.response_mask.sum().to(self.device))
+        num_tokens = self.all_reduce_sum(mini.train_mask.sum().to(self.device))
         num_sequences = int(self.all_reduce_sum(torch.tensor(float(len(mini)), device=self.device)).item())
         stats: dict[str, float] = defaultdict(float)
         for start in range(0, len(mini), self.micro_batch_size):
@@ -262,7 +262,7 @@ class RLMethod(pl.LightningModule):
             logprobs, entropy = self.policy_logprobs(self.model, micro, with_entropy=True)
             loss, parts = self.loss(micro, logprobs, entropy, num_tokens, num_sequences)
             self.manual_backward(loss * world)
-            weight = float(micro.response_mask.sum()) / max(float(mini.response_mask.sum()), 1.0)
+            weight = float(micro.train_mask.sum()) / max(float(mini.train_mask.sum()), 1.0)
             for k, v in parts.items():
                 stats[k] += float(v) * weight
         if self.max_grad_norm is not None:

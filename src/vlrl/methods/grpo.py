@@ -116,7 +116,7 @@ class GRPO(RLMethod):
         num_tokens: torch.Tensor,
         num_sequences: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = rollout.response_mask.to(logprobs.device)  # [n, T]
+        mask = rollout.train_mask.to(logprobs.device)  # [n, T]
         old = rollout.logprobs.to(logprobs.device)  # [n, T]
         out = policy_loss(
             logprobs,
