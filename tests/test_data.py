@@ -467,3 +467,17 @@ def test_resume_continues_at_the_same_data_position(
     assert (state["epoch"], state["position"]) == position  # batches handed out == steps taken: no prefetch
     resumed = _fit(tmp_path / "resumed", max_steps=10, num_workers=num_workers, ckpt_path=checkpoint)
     assert interrupted[: resume_step * batch] + resumed == full
+
+
+def test_batches_carry_the_raw_question(tmp_path):
+    rows = [
+        {"id": "q", "question": "<image1>What is shown?", "answer": "A", "choices": ["cat", "dog"], "images": []},
+        {"id": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Add 2 and 3."}]}], "answer": "5"},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = RLDataModule(train=Files(str(path)), batch_size=2, prompt_template="{question} Think.", shuffle=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.questions == ["What is shown?", "Add 2 and 3."]
+    assert batch.select([1]).questions == ["Add 2 and 3."]

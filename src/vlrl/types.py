@@ -26,14 +26,11 @@ class PromptBatch:
     choices: list[list[str] | None]  # option texts of multiple-choice questions
     data_sources: list[str]
     extras: list[dict[str, Any]] = field(default_factory=list)  # method-specific row fields
+    questions: list[str] = field(default_factory=list)  # raw question texts (no template, no options);
+    # for rows given as chat messages, the text of the last user turn
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def train_mask(self) -> torch.Tensor:
-        """``[N, T]`` tokens the loss is taken over: ``loss_mask`` if set, else ``response_mask``."""
-        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: list[int]) -> PromptBatch:
         """The prompts at ``index`` (repeats allowed), as a new batch."""
@@ -45,6 +42,7 @@ class PromptBatch:
             choices=[self.choices[i] for i in index],
             data_sources=[self.data_sources[i] for i in index],
             extras=[self.extras[i] for i in index] if self.extras else [],
+            questions=[self.questions[i] for i in index] if self.questions else [],
         )
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlrl.data.errors import DataError
 from vlrl.data.images import load_image
 from vlrl.data.loader import ResumableLoader, ResumableSampler
-from vlrl.data.prompts import Prompt, build_messages, check_template, collate_prompts
+from vlrl.data.prompts import Prompt, build_messages, check_template, collate_prompts, question_text
 from vlrl.data.schema import Row
 from vlrl.data.sources import Source
 
@@ -66,6 +66,7 @@ class PromptDataset(Dataset):
             choices=row.choices,
             data_source=row.data_source,
             extras=row.extras,
+            question=question_text(row.question, row.messages),
         )
 
 

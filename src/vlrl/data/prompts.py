@@ -33,6 +33,7 @@ class Prompt:
     choices: list[str] | None
     data_source: str
     extras: dict[str, Any] = field(default_factory=dict)
+    question: str = ""  # the raw question text (see ``question_text``)
 
 
 def check_template(prompt_template: str) -> None:
@@ -91,6 +92,20 @@ def prompt_text(question: str, choices: list[str] | None, prompt_template: str) 
     return prompt_template.format(question=question, choices=options)
 
 
+def question_text(question: str | None, messages: list[dict[str, Any]] | None) -> str:
+    """The raw question of a row (image placeholders removed, no template, no options); for a row
+    given as chat messages, the text of its last user turn."""
+    if question is not None:
+        return strip_image_placeholders(question)
+    for message in reversed(messages or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return ""
+
+
 def build_messages(
     question: str | None,
     messages: list[dict[str, Any]] | None,
@@ -120,4 +135,5 @@ def collate_prompts(prompts: list[Prompt]) -> PromptBatch:
         choices=[p.choices for p in prompts],
         data_sources=[p.data_source for p in prompts],
         extras=[p.extras for p in prompts],
+        questions=[p.question for p in prompts],
     )
