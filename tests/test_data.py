@@ -472,7 +472,11 @@ def test_resume_continues_at_the_same_data_position(
 def test_batches_carry_the_raw_question(tmp_path):
     rows = [
         {"id": "q", "question": "<image1>What is shown?", "answer": "A", "choices": ["cat", "dog"], "images": []},
-        {"id": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Add 2 and 3."}]}], "answer": "5"},
+        {
+            "id": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Add 2 and 3."}]}],
+            "answer": "5",
+        },
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
