@@ -1,5 +1,17 @@
 """Lightning callbacks of vlrl (installed as ``vlrl.callbacks``)."""
 
+from vlrl.callbacks.averaging import CheckpointAveraging
 from vlrl.callbacks.base import RLCallback
+from vlrl.callbacks.curriculum import SequenceLengthCurriculum
+from vlrl.callbacks.replay import SelectiveSampleReplay
+from vlrl.callbacks.rethinking import ForcedRethinking
+from vlrl.callbacks.samples import RolloutSamples
 
-__all__ = ["RLCallback"]
+__all__ = [
+    "CheckpointAveraging",
+    "ForcedRethinking",
+    "RLCallback",
+    "RolloutSamples",
+    "SelectiveSampleReplay",
+    "SequenceLengthCurriculum",
+]

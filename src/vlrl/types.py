@@ -9,6 +9,7 @@ extends. Tensor fields carry a shape comment; ``N = B * G`` is the number of sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -45,6 +46,26 @@ class PromptBatch:
             questions=[self.questions[i] for i in index] if self.questions else [],
         )
 
+    @classmethod
+    def concat(cls, batches: list[PromptBatch]) -> PromptBatch:
+        """The prompts of ``batches`` one after another, as one batch.
+
+        ``extras`` and ``questions`` are kept if any batch has them (``{}`` / ``""`` for the rows of
+        a batch that has none).
+        """
+        has_extras = any(b.extras for b in batches)
+        has_questions = any(b.questions for b in batches)
+        return cls(
+            ids=[x for b in batches for x in b.ids],
+            messages=[x for b in batches for x in b.messages],
+            images=[x for b in batches for x in b.images],
+            answers=[x for b in batches for x in b.answers],
+            choices=[x for b in batches for x in b.choices],
+            data_sources=[x for b in batches for x in b.data_sources],
+            extras=[x for b in batches for x in (b.extras or [{} for _ in b.ids])] if has_extras else [],
+            questions=[x for b in batches for x in (b.questions or ["" for _ in b.ids])] if has_questions else [],
+        )
+
 
 @dataclass
 class EncodedPrompt:
@@ -57,6 +78,8 @@ class EncodedPrompt:
 
     token_inputs: dict[str, torch.Tensor]
     media_inputs: dict[str, torch.Tensor]
+    images: list[Image.Image] = field(default_factory=list)  # the prompt's images as given to the processor
+    # (an engine that runs its own processor, such as vLLM, encodes them again)
 
     @property
     def length(self) -> int:
@@ -122,6 +145,73 @@ class Rollout:
             else:
                 out[f.name] = value
         return replace(self, **out)
+
+    @classmethod
+    def concat(cls, rollouts: list[Rollout], pad_id: int) -> Rollout:
+        """The samples of ``rollouts`` one after another, as one rollout (e.g. current + replayed samples).
+
+        Every sample keeps its own ``EncodedPrompt`` (token ids and image tensors), so samples of
+        different steps train together. ``[n, T]`` tensors are right-padded to the widest ``T``
+        (token ids with ``pad_id``, everything else with 0); ``group_index`` is shifted so that it
+        points into the concatenated ``batch``. ``loss_mask`` is kept if any rollout sets it (the
+        others contribute their ``response_mask``). Per-sample fields computed later in the step
+        (rewards, advantages, values, reference log-probs) must be set in all rollouts or in none.
+        ``reward_components`` keep the names every rollout has; list-valued ``extras`` missing from
+        a rollout are filled with ``None``; ``stats`` are those of the first rollout.
+        """
+        if not rollouts:
+            raise ValueError("Rollout.concat needs at least one rollout")
+        width = max(int(r.response_ids.shape[1]) for r in rollouts)
+        offsets = list(accumulate([len(r.batch) for r in rollouts[:-1]], initial=0))  # first row of each batch
+        out: dict[str, Any] = {
+            "prompts": [p for r in rollouts for p in r.prompts],
+            "response_ids": torch.cat([_pad_width(r.response_ids, width, pad_id) for r in rollouts]),
+            "response_mask": torch.cat([_pad_width(r.response_mask, width, 0) for r in rollouts]),
+            "logprobs": torch.cat([_pad_width(r.logprobs, width, 0) for r in rollouts]),
+            "texts": [t for r in rollouts for t in r.texts],
+            "finish_reasons": [f for r in rollouts for f in r.finish_reasons],
+            "group_index": torch.cat([r.group_index + o for r, o in zip(rollouts, offsets, strict=True)]),
+            "batch": PromptBatch.concat([r.batch for r in rollouts]),
+            "stats": rollouts[0].stats,
+        }
+        for name in ("rewards", "advantages", "values", "ref_logprobs"):
+            present = [getattr(r, name) is not None for r in rollouts]
+            if any(present) and not all(present):
+                raise ValueError(f"Rollout.concat: `{name}` is set in some rollouts and None in others")
+            out[name] = torch.cat([_pad_width(getattr(r, name), width, 0) for r in rollouts]) if all(present) else None
+        if any(r.loss_mask is not None for r in rollouts):
+            out["loss_mask"] = torch.cat([_pad_width(r.train_mask, width, 0) for r in rollouts])
+        common = set.intersection(*(set(r.reward_components) for r in rollouts))
+        out["reward_components"] = {
+            k: torch.cat([r.reward_components[k] for r in rollouts])
+            for k in rollouts[0].reward_components
+            if k in common
+        }
+        out["extras"] = _concat_extras(rollouts, width)
+        return cls(**out)
+
+
+def _pad_width(value: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    """``[n]`` unchanged; ``[n, T]`` right-padded with ``fill`` to ``[n, width]``."""
+    if value.dim() < 2:
+        return value
+    return torch.nn.functional.pad(value, (0, width - value.shape[1]), value=fill)
+
+
+def _concat_extras(rollouts: list[Rollout], width: int) -> dict[str, Any]:
+    keys = list(dict.fromkeys(k for r in rollouts for k in r.extras))
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [r.extras.get(key) for r in rollouts]
+        if any(isinstance(v, torch.Tensor) for v in values):
+            if not all(isinstance(v, torch.Tensor) for v in values):
+                raise ValueError(f"Rollout.concat: tensor extra {key!r} is missing from some rollouts")
+            out[key] = torch.cat([_pad_width(v, width, 0) for v in values])
+        else:
+            out[key] = [
+                x for v, r in zip(values, rollouts, strict=True) for x in (v if v is not None else [None] * len(r))
+            ]
+    return out
 
 
 def _index(value: Any, idx: torch.Tensor, items: list[int]) -> Any:

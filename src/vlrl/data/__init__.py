@@ -11,6 +11,7 @@ from vlrl.data.images import fit_pixels, load_image
 from vlrl.data.loader import ResumableLoader, ResumableSampler
 from vlrl.data.prompts import Prompt, build_messages, render_choices, strip_image_placeholders
 from vlrl.data.schema import Row, validate_row
+from vlrl.data.sft import SFTDataModule
 from vlrl.data.sources import Files, HFDataset, Source, Synthetic
 from vlrl.data.synthetic import make_rows, save_split
 
@@ -25,6 +26,7 @@ __all__ = [
     "ResumableSampler",
     "Row",
     "RowLocation",
+    "SFTDataModule",
     "Source",
     "Synthetic",
     "build_messages",

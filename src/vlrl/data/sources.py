@@ -343,6 +343,9 @@ class Synthetic(Source):
         seed: seed of the drawing (same seed, same rows and bytes).
         kinds: question kinds to include (default all: color, shape, position, compare, count, add).
         image_size: side of the square images in pixels.
+        text_only: describe each scene in words instead of drawing it: no image, the description
+            starts the question, and a ``response`` field holds step-by-step reasoning ending in
+            ``\\boxed{answer}`` (SFT data for a language-only cold start, e.g. ``vlrl.methods.SFT``).
     """
 
     def __init__(
@@ -352,6 +355,7 @@ class Synthetic(Source):
         seed: int = 0,
         kinds: list[str] | None = None,
         image_size: int = 56,
+        text_only: bool = False,
     ) -> None:
         super().__init__(data_source="synthetic")
         self.kinds = check_args(split, size, kinds, image_size)
@@ -359,15 +363,17 @@ class Synthetic(Source):
         self.size = size
         self.seed = seed
         self.image_size = image_size
+        self.text_only = text_only
 
     def __repr__(self) -> str:
-        return f"Synthetic({self.split}, size={self.size}, seed={self.seed})"
+        text = ", text_only" if self.text_only else ""
+        return f"Synthetic({self.split}, size={self.size}, seed={self.seed}{text})"
 
     def default_name(self) -> str:
         return "synthetic"
 
     def records(self) -> Iterator[RawRecord]:
         where = f"synthetic[{self.split}]"
-        rows = make_rows(self.split, self.size, self.seed, self.kinds, self.image_size)
+        rows = make_rows(self.split, self.size, self.seed, self.kinds, self.image_size, self.text_only)
         for number, row in enumerate(rows, start=1):
             yield RawRecord(RowLocation(where, number, "row"), row, None)

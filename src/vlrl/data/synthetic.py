@@ -11,6 +11,10 @@ visual tokens (so everything is drawn large, and the harder kinds hinge on coars
 - ``count``    1-3 large shapes, each in its own quadrant; "How many shapes are there?" -> 2
 - ``add``      two seven-segment digits (1-5), one per half; "What is the sum of the two numbers?" -> 7
 
+With ``text_only`` the same scenes become text rows for a language-only cold start: the question
+first describes the picture in words (colours, shapes, places, sizes in pixels, digits), no image
+is attached, and a ``response`` field holds step-by-step reasoning that ends in ``\\boxed{answer}``.
+
 Everything is a pure function of ``(seed, split, index)``: the same arguments give byte-identical
 images and rows. Splits are disjoint by construction: a drawn scene is assigned to train, val or test
 by a hash of its parameters (8:1:1), and each split keeps only the scenes assigned to it, so no
@@ -18,7 +22,7 @@ scene can occur in two splits whatever the seeds.
 
 Write the three splits as JSONL + PNG files for inspection (and for the ``Files`` source)::
 
-    python -m vlrl.data.synthetic OUT_DIR [--train-size 2000] [--val-size 200] [--test-size 200]
+    python -m vlrl.data.synthetic OUT_DIR [--train-size 2000] [--val-size 200] [--test-size 200] [--text-only]
 """
 
 from __future__ import annotations
@@ -183,6 +187,69 @@ def _draw_digit(draw: ImageDraw.ImageDraw, digit: int, x0: int, y0: int, width: 
         draw.rectangle(bars[segment], fill=DIGIT_COLOUR)
 
 
+def _place(item: Item, s: int) -> str:
+    """Where an item's centre lies, in words: "at the top left", "in the middle", ..."""
+    _, _, _, x0, y0, size = item
+    thirds = ("left", "middle", "right"), ("top", "middle", "bottom")
+    column = thirds[0][min(2, 3 * (x0 + size // 2) // s)]
+    row = thirds[1][min(2, 3 * (y0 + size // 2) // s)]
+    if column == row == "middle":
+        return "in the middle"
+    if column == "middle":
+        return f"at the {row}"
+    if row == "middle":
+        return f"on the {column}"
+    return f"at the {row} {column}"
+
+
+def _named(item: Item) -> str:
+    return f"{item[2]} {item[1]}"
+
+
+def describe(kind: str, items: tuple[Item, ...], question: str, image_size: int) -> tuple[str, list[str]]:
+    """A scene in words, and the reasoning steps that answer its question from those words.
+
+    >>> describe("color", (("shape", "square", "red", 4, 4, 40),), "What colour is the shape?", 56)[0]
+    'A 56x56 picture shows a red square in the middle.'
+    """
+    s = image_size
+    head = f"A {s}x{s} picture shows"
+    if kind in ("color", "shape"):
+        item = items[0]
+        steps = [f"There is one shape: a {_named(item)}."]
+        steps.append(f"Its colour is {item[2]}." if kind == "color" else f"It is a {item[1]}.")
+        return f"{head} a {_named(item)} {_place(item, s)}.", steps
+    if kind == "position":
+        item = items[0]
+        _, _, _, x0, y0, size = item
+        axis, value = ("x", x0 + size // 2) if "left" in question else ("y", y0 + size // 2)
+        low, high = ("left", "right") if axis == "x" else ("top", "bottom")
+        words = f"its centre is at x = {x0 + size // 2}, y = {y0 + size // 2} (x grows to the right, y downwards)"
+        side = low if value < s / 2 else high
+        relation = "less" if side == low else "more"
+        steps = [f"The centre has {axis} = {value}.", f"The middle of the picture is at {s / 2:g}."]
+        steps.append(f"{value} is {relation} than {s / 2:g}, so the shape is on the {side} side.")
+        return f"{head} a {_named(item)}; {words}.", steps
+    if kind == "compare":
+        parts = [f"a {_named(i)} {i[5]} pixels wide {_place(i, s)}" for i in items]
+        a, b = items
+        bigger, smaller = (a, b) if a[5] > b[5] else (b, a)
+        steps = [f"The {a[2]} one is {a[5]} pixels wide and the {b[2]} one is {b[5]} pixels wide."]
+        steps.append(f"{bigger[5]} > {smaller[5]}, so the {bigger[2]} one is bigger.")
+        return f"{head} {parts[0]} and {parts[1]}.", steps
+    if kind == "count":
+        listed = ", ".join(f"a {_named(i)} {_place(i, s)}" for i in items)
+        steps = ["Count them one by one: " + ", ".join(f"{n}. the {_named(i)}" for n, i in enumerate(items, 1)) + "."]
+        steps.append(f"That makes {len(items)} shape{'s' if len(items) > 1 else ''}.")
+        return f"{head} {listed}.", steps
+    left, right = (item[1] for item in items)
+    steps = [
+        f"The number on the left is {left} and the number on the right is {right}.",
+        f"{left} + {right} = {left + right}.",
+    ]
+    return f"{head} two digits: {left} on the left and {right} on the right.", steps
+
+
 def _bucket(kind: str, items: tuple[Item, ...], question: str, image_size: int) -> int:
     key = repr((kind, items, question, image_size)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10
@@ -216,27 +283,42 @@ def check_args(split: str, size: int, kinds: list[str] | None, image_size: int) 
 
 
 def make_rows(
-    split: Split, size: int, seed: int = 0, kinds: list[str] | None = None, image_size: int = 56
+    split: Split,
+    size: int,
+    seed: int = 0,
+    kinds: list[str] | None = None,
+    image_size: int = 56,
+    text_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Draw ``size`` rows of one split; kinds take turns (row ``i`` is of kind ``kinds[i % len(kinds)]``).
 
     Each row: ``id`` ("<split>-<index>"), ``images`` (one PIL image), ``question``, ``answer`` (a short
-    word or number) and ``data_source`` (the kind).
+    word or number) and ``data_source`` (the kind). With ``text_only`` the same scenes are described
+    in words instead: ``images`` is empty, the question starts with the description, and ``response``
+    holds the step-by-step reasoning ending in ``\\boxed{answer}`` (ids "<split>-text-<index>").
     """
     kinds = check_args(split, size, kinds, image_size)
     rows = []
     for index in range(size):
         kind = kinds[index % len(kinds)]
         items, question, answer = _scene(split, index, seed, kind, image_size)
-        rows.append(
-            {
-                "id": f"{split}-{index:05d}",
-                "images": [render(items, image_size)],
-                "question": question,
-                "answer": answer,
-                "data_source": kind,
+        row = {
+            "id": f"{split}-{index:05d}",
+            "images": [render(items, image_size)],
+            "question": question,
+            "answer": answer,
+            "data_source": kind,
+        }
+        if text_only:
+            description, steps = describe(kind, items, question, image_size)
+            reasoning = "\n".join(["Let me think step by step.", *steps])
+            row |= {
+                "id": f"{split}-text-{index:05d}",
+                "images": [],
+                "question": f"{description} {question}",
+                "response": f"{reasoning}\nSo the answer is \\boxed{{{answer}}}.",
             }
-        )
+        rows.append(row)
     return rows
 
 
@@ -247,19 +329,21 @@ def save_split(
     seed: int = 0,
     kinds: list[str] | None = None,
     image_size: int = 56,
+    text_only: bool = False,
 ) -> Path:
     """Write one split to ``directory/data.jsonl`` with its images as ``directory/images/<id>.png``.
 
-    Returns the path of the JSONL file (readable with ``Files(path=...)``).
+    Returns the path of the JSONL file (readable with ``Files(path=...)``). Text-only rows have no images.
     """
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     data_file = directory / "data.jsonl"
     with data_file.open("w", encoding="utf-8") as out:
-        for row in make_rows(split, size, seed, kinds, image_size):
-            image_path = f"images/{row['id']}.png"
-            row["images"][0].save(directory / image_path, format="PNG")
-            out.write(json.dumps({**row, "images": [image_path]}) + "\n")
+        for row in make_rows(split, size, seed, kinds, image_size, text_only):
+            paths = [f"images/{row['id']}.png" for _ in row["images"]]
+            for image, image_path in zip(row["images"], paths, strict=True):
+                image.save(directory / image_path, format="PNG")
+            out.write(json.dumps({**row, "images": paths}) + "\n")
     return data_file
 
 
@@ -273,10 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=56)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None)
+    parser.add_argument("--text-only", action="store_true", help="scenes described in words, with reasoning")
     args = parser.parse_args(argv)
     sizes = {"train": args.train_size, "val": args.val_size, "test": args.test_size}
     for split, size in sizes.items():
-        path = save_split(args.out_dir / split, split, size, args.seed, args.kinds, args.image_size)
+        path = save_split(args.out_dir / split, split, size, args.seed, args.kinds, args.image_size, args.text_only)
         print(f"{split}: {size} rows -> {path}")
 
 

@@ -2,5 +2,8 @@
 
 from vlrl.methods.base import RLMethod
 from vlrl.methods.grpo import GRPO
+from vlrl.methods.ppo import PPO
+from vlrl.methods.racro import RACRO
+from vlrl.methods.sft import SFT
 
-__all__ = ["GRPO", "RLMethod"]
+__all__ = ["GRPO", "PPO", "RACRO", "RLMethod", "SFT"]

@@ -2,14 +2,19 @@
 
 ``training_step`` reads like the step of DESIGN.md::
 
-    prompts -> rollout (G samples each) -> on_rollout_end callbacks -> rewards -> advantages
-    -> on_advantages_computed callbacks -> reference log-probs -> mini-batch updates
+    prompts -> rollout (G samples each) -> on_rollout_end callbacks -> rewards -> (critic values)
+    -> advantages -> on_advantages_computed callbacks -> reference log-probs -> mini-batch updates
     -> weights to the rollout engine -> metrics
 
 A method subclasses ``RLMethod`` once and fills in ``compute_advantages`` and ``loss`` (and, if it
-changes what is generated or how it is scored, ``generate`` / ``score``); it does not reorder the
-step. ``global_step`` counts optimizer steps: with the default ``mini_batch_size`` (the whole
-rollout) and one epoch, that is one per rollout.
+changes what is generated or how it is scored, ``generate`` / ``score``; if it has a critic,
+``compute_values`` and a second optimizer); it does not reorder the step.
+
+``global_step`` counts *policy* optimizer steps: with the default ``mini_batch_size`` (the whole
+rollout) and one epoch, that is one per rollout. ``configure_optimizers`` returns the policy's
+optimizer first; steps of any further optimizer (a critic's) go through the strategy with
+``step_optimizer(..., advance_global_step=False)`` and do not advance ``global_step``, so
+``max_steps``, checkpoint cadence and step-based schedules mean the same with or without a critic.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from vlrl.algorithms import entropy_from_logits, token_logprobs
 from vlrl.callbacks.base import RLCallback
@@ -34,6 +42,9 @@ from vlrl.rollout import HFEngine, RolloutEngine, Sampling
 from vlrl.types import PromptBatch, Rollout
 
 log = logging.getLogger(__name__)
+
+# The loss of one micro-batch: (micro, num_tokens, num_sequences) -> (loss, metrics); see ``accumulate_gradients``.
+MicroLoss = Callable[[Rollout, torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class RLMethod(pl.LightningModule):
@@ -131,35 +142,54 @@ class RLMethod(pl.LightningModule):
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.optimizer_config(self.model, self.optimizer_factory, self.scheduler_factory, "policy")
+
+    @staticmethod
+    def optimizer_config(
+        module: torch.nn.Module,
+        optimizer: OptimizerCallable,
+        lr_scheduler: LRSchedulerCallable | None,
+        name: str,
+    ) -> dict[str, Any]:
+        """Lightning's optimizer entry for the trainable parameters of ``module`` (named ``name`` in errors)."""
+        params = [p for p in module.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("no trainable parameters: check policy.freeze_vision / policy.lora")
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+            raise ValueError(f"no trainable parameters in the {name}: check {name}.freeze_vision / {name}.lora")
+        config: dict[str, Any] = {"optimizer": optimizer(params)}
+        if lr_scheduler is not None:
+            config["lr_scheduler"] = {"scheduler": lr_scheduler(config["optimizer"]), "interval": "step"}
+        return config
+
+    def optimizer_and_scheduler(self, index: int = 0) -> tuple[Any, Any]:
+        """The ``index``-th optimizer of ``configure_optimizers`` (0: the policy's) and its scheduler or None."""
+        optimizers = self.optimizers()
+        optimizer = (optimizers if isinstance(optimizers, list) else [optimizers])[index]
+        schedulers = self.lr_schedulers()
+        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
+        raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        return optimizer, next((s for s in schedulers if s.optimizer is raw), None)
 
     # ------------------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         rollout = self.generate(batch, self.sampling, self.group_size)  # 1. sample G responses each
         rollout_time = time.perf_counter() - start
+        sampled_tokens = float(rollout.response_mask.sum())
         rollout = self.run_callbacks("on_rollout_end", rollout)  # 2. e.g. forced rethinking
         rollout = self.score(rollout)  # 3. rewards
-        rollout.advantages = self.compute_advantages(rollout)  # 4. advantages
+        rollout.values = self.compute_values(rollout)  # 4. critic values (None without a critic)
+        rollout.advantages = self.compute_advantages(rollout)  #    advantages (group, or GAE on the values)
         metrics = self.rollout_metrics(rollout)  # measured on what was sampled, before reshaping
         rollout = self.run_callbacks("on_advantages_computed", rollout)  # 5. e.g. sample replay
+        metrics.update(rollout.stats)  # what the callbacks measured
         if len(rollout) == 0:
             self.log_dict({**metrics, "update/skipped": 1.0}, prog_bar=False)
             return
         self.prepare_update(rollout)  # 6. reference log-probs
-        metrics.update(self.update(rollout))  # 7. epochs x mini-batches of optimizer steps
+        metrics.update(self.update(rollout))  # 7. policy optimizer steps (then the critic's, if any)
         self.rollout_engine.update_weights(self.model)  # 8. the next rollout samples the new policy
         metrics["perf/rollout_s"] = rollout_time
-        metrics["perf/rollout_tokens_per_s"] = float(rollout.response_mask.sum()) / max(rollout_time, 1e-9)
+        metrics["perf/rollout_tokens_per_s"] = sampled_tokens / max(rollout_time, 1e-9)
         metrics["perf/step_s"] = time.perf_counter() - start
         self.log_metrics(metrics)  # 9.
 
@@ -169,7 +199,9 @@ class RLMethod(pl.LightningModule):
         prompts = [p for p in encoded for _ in range(group_size)]
         seed = self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
         out = self.rollout_engine.generate(prompts, sampling, seed=seed)
-        texts = self.tokenizer.batch_decode(out.response_ids * out.response_mask.long(), skip_special_tokens=True)
+        # padding as the pad token (special, so it drops out of the text; id 0 would decode as a character)
+        padded = torch.where(out.response_mask.bool(), out.response_ids, self.pad_id)  # [N, T]
+        texts = self.tokenizer.batch_decode(padded, skip_special_tokens=True)
         return Rollout(
             prompts=prompts,
             response_ids=out.response_ids,
@@ -198,11 +230,16 @@ class RLMethod(pl.LightningModule):
             finish_reasons=rollout.finish_reasons,
             data_sources=[rollout.batch.data_sources[i] for i in idx],
             time_budget_s=self.reward_time_budget_s,
+            **{k: v for k, v in rollout.extras.items() if isinstance(v, list)},  # per-sample facts from callbacks
         )
         rollout.rewards = scores.total
         rollout.reward_components = scores.components
         rollout.stats.update({f"reward/failures/{k}": float(v) for k, v in scores.failures.items()})
         return rollout
+
+    def compute_values(self, rollout: Rollout) -> torch.Tensor | None:
+        """``[N, T]`` critic values of the rollout's states, for methods with a critic; else ``None``."""
+        return None
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
         """``[N]`` or ``[N, T]`` advantages of the rollout's samples."""
@@ -229,50 +266,94 @@ class RLMethod(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ the update
     def update(self, rollout: Rollout) -> dict[str, float]:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        """``epochs`` x mini-batches of policy optimizer steps on the rollout; the mean of their metrics."""
+        optimizer, scheduler = self.optimizer_and_scheduler(0)
+        size = self.mini_batch_size or len(rollout)
+        step = partial(self.optimizer_step, optimizer=optimizer, scheduler=scheduler)
+        return self.mini_batch_steps(rollout, size, self.epochs, step, key="mini_batch_size")
+
+    def mini_batch_steps(
+        self, rollout: Rollout, size: int, epochs: int, step: Callable[[Rollout], dict[str, float]], key: str
+    ) -> dict[str, float]:
+        """Call ``step`` on every mini-batch of ``size`` samples (shuffled when smaller than the rollout),
+        ``epochs`` times over; return the mean of the metrics. ``key`` names ``size`` in errors."""
         n = len(rollout)
-        size = self.mini_batch_size or n
         if n % size:
             raise ValueError(
-                f"mini_batch_size={size} does not divide the update batch of {n} samples "
+                f"{key}={size} does not divide the update batch of {n} samples "
                 f"(prompts per step x group_size={self.group_size}); pick a divisor of {n}"
             )
         generator = torch.Generator().manual_seed(self.seed + self.global_step)
         sums: dict[str, float] = defaultdict(float)
         count = 0
-        for _ in range(self.epochs):
+        for _ in range(epochs):
             order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
             for start in range(0, n, size):
-                stats = self.optimizer_step(rollout.select(order[start : start + size]), optimizer, scheduler)
-                for k, v in stats.items():
+                for k, v in step(rollout.select(order[start : start + size])).items():
                     sums[k] += v
                 count += 1
         return {k: v / count for k, v in sums.items()}
 
     def optimizer_step(self, mini: Rollout, optimizer, scheduler) -> dict[str, float]:
-        """One optimizer step on a mini-batch, accumulated over micro-batches."""
+        """One policy optimizer step on a mini-batch, accumulated over micro-batches."""
+        stats = self.accumulate_gradients(mini, self.policy_micro_loss)
+        stats.update(self.step_optimizer(optimizer, scheduler, prefix="update"))
+        return stats
+
+    def policy_micro_loss(
+        self, micro: Rollout, num_tokens: torch.Tensor, num_sequences: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy loss of one micro-batch (a ``MicroLoss``): log-probs under the policy, then ``loss``."""
+        logprobs, entropy = self.policy_logprobs(self.model, micro, with_entropy=True)
+        return self.loss(micro, logprobs, entropy, num_tokens, num_sequences)
+
+    def micro_batches(self, rollout: Rollout) -> Iterator[Rollout]:
+        """Consecutive slices of ``micro_batch_size`` samples (the last may be smaller)."""
+        for start in range(0, len(rollout), self.micro_batch_size):
+            yield rollout.select(list(range(start, min(start + self.micro_batch_size, len(rollout)))))
+
+    def accumulate_gradients(self, mini: Rollout, micro_loss: MicroLoss) -> dict[str, float]:
+        """Back-propagate ``micro_loss`` over the micro-batches of ``mini``; its metrics, token-weighted.
+
+        ``micro_loss`` gets the valid-token and sequence counts of the whole mini-batch on all devices,
+        so that the micro-batch losses add up to the mini-batch loss (see ``aggregate_loss``).
+        """
         world = self.trainer.world_size
         # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
         num_tokens = self.all_reduce_sum(mini.train_mask.sum().to(self.device))
         num_sequences = int(self.all_reduce_sum(torch.tensor(float(len(mini)), device=self.device)).item())
         stats: dict[str, float] = defaultdict(float)
-        for start in range(0, len(mini), self.micro_batch_size):
-            micro = mini.select(list(range(start, min(start + self.micro_batch_size, len(mini)))))
-            logprobs, entropy = self.policy_logprobs(self.model, micro, with_entropy=True)
-            loss, parts = self.loss(micro, logprobs, entropy, num_tokens, num_sequences)
+        for micro in self.micro_batches(mini):
+            loss, parts = micro_loss(micro, num_tokens, num_sequences)
             self.manual_backward(loss * world)
             weight = float(micro.train_mask.sum()) / max(float(mini.train_mask.sum()), 1.0)
             for k, v in parts.items():
                 stats[k] += float(v) * weight
+        return stats
+
+    def step_optimizer(
+        self, optimizer, scheduler, prefix: str = "update", advance_global_step: bool = True
+    ) -> dict[str, float]:
+        """Clip the gradients of ``optimizer``'s parameters, step it, zero them, step its scheduler.
+
+        Only the policy's steps advance ``global_step`` (Lightning counts every ``LightningOptimizer.step``):
+        with ``advance_global_step=False`` (a critic's optimizer) the step goes through the strategy
+        directly, with the same precision handling and hooks, but uncounted. Metrics are named
+        ``{prefix}/grad_norm`` and ``{prefix}/lr``.
+        """
+        stats: dict[str, float] = {}
         if self.max_grad_norm is not None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            stats["update/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        optimizer.step()
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            stats[f"{prefix}/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if advance_global_step:
+            optimizer.step()
+        else:
+            raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+            self.trainer.strategy.optimizer_step(raw, closure=lambda: None)
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-        stats["update/lr"] = optimizer.param_groups[0]["lr"]
+        stats[f"{prefix}/lr"] = optimizer.param_groups[0]["lr"]
         return stats
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -284,13 +365,8 @@ class RLMethod(pl.LightningModule):
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
-        inputs = to_device(
-            collate(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask),
-            self.device,
-            self.model.dtype,
-        )
         width = rollout.response_ids.shape[1]
-        logits = model(**inputs, use_cache=False).logits[:, -width - 1 : -1]  # [n, T, V] predicting responses
+        logits = model(**self.model_inputs(rollout), use_cache=False).logits[:, -width - 1 : -1]  # [n, T, V]
         temperature = self.sampling.temperature or 1.0
         response = rollout.response_ids.to(self.device)
         logprobs = token_logprobs(logits, response, temperature)  # [n, T]
@@ -299,6 +375,12 @@ class RLMethod(pl.LightningModule):
             with torch.enable_grad() if self.entropy_needs_grad else torch.no_grad():
                 entropy = entropy_from_logits(logits.float() / temperature)  # [n, T]
         return logprobs, entropy
+
+    def model_inputs(self, rollout: Rollout, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Prompts and responses of ``rollout`` as one model batch on this device; media in ``dtype``
+        (default: the policy's). Position ``-T - 1 + t`` of its outputs predicts response token ``t``."""
+        batch = collate(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask)
+        return to_device(batch, self.device, dtype or self.model.dtype)
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

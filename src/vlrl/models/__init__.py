@@ -2,5 +2,16 @@
 
 from vlrl.models.loading import LoRA, Policy, apply_lora, freeze, tokenizer_of, vision_modules
 from vlrl.models.tiny import resolve_model_path
+from vlrl.models.value import ValueModel, load_value_model
 
-__all__ = ["LoRA", "Policy", "apply_lora", "freeze", "resolve_model_path", "tokenizer_of", "vision_modules"]
+__all__ = [
+    "LoRA",
+    "Policy",
+    "ValueModel",
+    "apply_lora",
+    "freeze",
+    "load_value_model",
+    "resolve_model_path",
+    "tokenizer_of",
+    "vision_modules",
+]

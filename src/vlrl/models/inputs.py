@@ -39,7 +39,7 @@ def encode_prompt(processor: Any, messages: list[dict], images: list[Image.Image
         enc = processor([text], return_tensors="pt", add_special_tokens=False)
     token_inputs = {k: v for k, v in enc.items() if k in TOKEN_KEYS}
     media_inputs = {k: v for k, v in enc.items() if k not in TOKEN_KEYS and isinstance(v, torch.Tensor)}
-    return EncodedPrompt(token_inputs=token_inputs, media_inputs=media_inputs)
+    return EncodedPrompt(token_inputs=token_inputs, media_inputs=media_inputs, images=list(images))
 
 
 def extend_prompt(prompt: EncodedPrompt, tokens: torch.Tensor) -> EncodedPrompt:
@@ -49,7 +49,7 @@ def extend_prompt(prompt: EncodedPrompt, tokens: torch.Tensor) -> EncodedPrompt:
     for key, value in prompt.token_inputs.items():
         fill = tokens if key == "input_ids" else torch.full_like(tokens, 1 if key == "attention_mask" else 0)
         token_inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-    return EncodedPrompt(token_inputs=token_inputs, media_inputs=prompt.media_inputs)
+    return EncodedPrompt(token_inputs=token_inputs, media_inputs=prompt.media_inputs, images=prompt.images)
 
 
 def collate(

@@ -5,8 +5,11 @@
 - reward functions (``AccuracyReward``, format rewards): callables with one protocol, see
   ``vlrl.rewards.functions``.
 - ``score``: runs reward functions with a time budget and failure accounting -> ``RewardScores``.
+- reasoners (``HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``: one batched ``Reasoner`` protocol)
+  and ``CaptionReward``, the reasoner's graded accuracy from a caption (RACRO).
 """
 
+from vlrl.rewards.caption import CaptionReward, CaptionScores
 from vlrl.rewards.extract import extract_answer, extract_boxed
 from vlrl.rewards.functions import (
     AccuracyReward,
@@ -16,17 +19,38 @@ from vlrl.rewards.functions import (
     ThinkFormatReward,
 )
 from vlrl.rewards.grading import is_correct
+from vlrl.rewards.reasoners import (
+    HFReasoner,
+    OpenAIReasoner,
+    Reasoner,
+    ReasonerError,
+    ReasonerOutput,
+    VLLMReasoner,
+)
+from vlrl.rewards.rethinking import InvalidResponsePenalty, NativeWaitBonus, count_waits, invalid_reason
 from vlrl.rewards.runner import RewardScores, score
 
 __all__ = [
     "AccuracyReward",
     "BoxedFormatReward",
+    "CaptionReward",
+    "CaptionScores",
+    "HFReasoner",
+    "InvalidResponsePenalty",
+    "NativeWaitBonus",
+    "OpenAIReasoner",
+    "Reasoner",
+    "ReasonerError",
+    "ReasonerOutput",
     "RewardFunction",
     "RewardScores",
     "TagFormatReward",
     "ThinkFormatReward",
+    "VLLMReasoner",
+    "count_waits",
     "extract_answer",
     "extract_boxed",
+    "invalid_reason",
     "is_correct",
     "score",
 ]
