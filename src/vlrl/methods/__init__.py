@@ -5,5 +5,6 @@ from vlrl.methods.grpo import GRPO
 from vlrl.methods.ppo import PPO
 from vlrl.methods.racro import RACRO
 from vlrl.methods.sft import SFT
+from vlrl.methods.sophia import SOPHIA
 
-__all__ = ["GRPO", "PPO", "RACRO", "RLMethod", "SFT"]
+__all__ = ["GRPO", "PPO", "RACRO", "RLMethod", "SFT", "SOPHIA"]
