@@ -17,9 +17,11 @@ from vlrl.algorithms.losses import (
     value_clip_fraction,
     value_loss,
 )
+from vlrl.algorithms.tis import ImportanceCorrection, truncated_importance_weights
 
 __all__ = [
     "AggregationMode",
+    "ImportanceCorrection",
     "PolicyLossOutput",
     "aggregate_loss",
     "entropy_from_logits",
@@ -31,6 +33,7 @@ __all__ = [
     "normalize_advantages",
     "policy_loss",
     "token_logprobs",
+    "truncated_importance_weights",
     "value_clip_fraction",
     "value_loss",
 ]

@@ -2,5 +2,6 @@
 
 from vlrl.rollout.base import Generation, RolloutEngine, Sampling
 from vlrl.rollout.hf import HFEngine
+from vlrl.rollout.vllm import VLLMEngine  # vLLM itself is imported when the engine starts
 
-__all__ = ["Generation", "HFEngine", "RolloutEngine", "Sampling"]
+__all__ = ["Generation", "HFEngine", "RolloutEngine", "Sampling", "VLLMEngine"]
