@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from transformers import GenerationConfig
 
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.models.tiny import resolve_model_path
-from vlrl.rollout.base import Sampling
+from vlrl.rollout.base import Sampling, generation_config
 
 __all__ = ["HFReasoner", "OpenAIReasoner", "Reasoner", "ReasonerError", "ReasonerOutput", "VLLMReasoner"]
 
@@ -134,17 +133,7 @@ class HFReasoner:
 
     def _generate(self, prompts: list, sampling: Sampling, device: torch.device) -> list[ReasonerOutput]:
         batch = to_device(collate(prompts, self.pad_id), device, self.model.dtype)
-        greedy = sampling.temperature == 0
-        config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-        )
+        config = generation_config(sampling, self.stop_ids, self.pad_id)
         sequences = self.model.generate(**batch, generation_config=config)
         responses = sequences[:, batch["input_ids"].shape[1] :].cpu()  # [n, T]
         tok = tokenizer_of(self.processor)

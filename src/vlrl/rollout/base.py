@@ -9,9 +9,10 @@ policy. The HF ``generate`` engine shares the policy's weights; a vLLM engine ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import GenerationConfig
 
 from vlrl.types import EncodedPrompt
 
@@ -41,6 +42,22 @@ class Sampling:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def generation_config(sampling: Sampling, stop_ids: list[int], pad_id: int, **extra: Any) -> GenerationConfig:
+    """HF ``GenerationConfig`` for ``sampling`` (``temperature == 0`` means greedy; ``top_k=0`` keeps it off)."""
+    greedy = sampling.temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None if greedy else sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        **extra,
+    )
 
 
 @dataclass

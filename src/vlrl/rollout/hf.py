@@ -9,12 +9,11 @@ recomputes. ``update_weights`` has nothing to do: the engine generates with the 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig
 
 from vlrl.algorithms import token_logprobs
 from vlrl.models.inputs import collate, to_device
 from vlrl.models.loading import tokenizer_of
-from vlrl.rollout.base import Generation, Sampling
+from vlrl.rollout.base import Generation, Sampling, generation_config
 from vlrl.types import EncodedPrompt
 
 # Config attributes naming vision special tokens, across model families.
@@ -76,15 +75,10 @@ class HFEngine:
     def _generate(self, prompts: list[EncodedPrompt], sampling: Sampling, device: torch.device) -> Generation:
         batch = to_device(collate(prompts, self.pad_id), device, self.model.dtype)
         greedy = sampling.temperature == 0
-        config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
+        config = generation_config(
+            sampling,
+            self.stop_ids,
+            self.pad_id,
             suppress_tokens=self.suppress_ids or None,
             return_dict_in_generate=True,
             output_logits=True,
