@@ -82,6 +82,13 @@ class SequenceLengthCurriculum(pl.Callback):
                 f"SequenceLengthCurriculum sets the rollout length of an RL method (vlrl.methods.RLMethod), "
                 f"got {type(pl_module).__name__}; remove the callback from this run"
             )
+        late = [s for s in self.steps if 0 <= trainer.max_steps <= s]
+        if stage == "fit" and late:
+            raise ValueError(
+                f"SequenceLengthCurriculum.schedule has step(s) {late} at or beyond trainer.max_steps="
+                f"{trainer.max_steps}, so those lengths would never be used: raise trainer.max_steps above "
+                f"{max(late)} or remove the entries"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.current is None:

@@ -31,6 +31,17 @@ def test_config_parses_with_print_config(config, capsys):
     assert any("lightning-cli" in line for line in first[:4]), "a config opens with the command that runs it"
 
 
+@pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=lambda c: c.split("configs/")[-1])
+def test_trainer_overlay_parses_over_a_demo_config(overlay, capsys):
+    demo = next(c for c in FULL_CONFIGS if c.endswith("configs/demo/grpo.yaml"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", demo, "--config", overlay, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "strategy:" in capsys.readouterr().out
+    first = Path(overlay).read_text().splitlines()
+    assert any("lightning-cli" in line for line in first[:4]), "an overlay opens with the command that runs it"
+
+
 @pytest.mark.parametrize("config", FULL_CONFIGS, ids=lambda c: c.split("configs/")[-1])
 def test_config_keys_are_constructor_arguments(config):
     """A misspelt key must fail the parse: LightningCLI checks every key against the signatures."""

@@ -36,10 +36,6 @@ class Probe(pl.Callback):
 
 def test_qlora_debug_config_trains_adapters_on_a_4bit_base(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config writes under outputs/
-    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference the first time a layer runs
-    # in eval mode (here: the rollout) and then takes a path that autograd cannot go through in training.
-    # GPUs never take it; the CPU stand-in for the GPU run turns it off.
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
     data = {
         "class_path": "vlrl.data.RLDataModule",
         "init_args": {
@@ -77,6 +73,10 @@ def test_qlora_debug_config_trains_adapters_on_a_4bit_base(tmp_path, monkeypatch
     # The base linear layers of the language model are 4-bit NF4 and frozen.
     base = [m.base_layer for n, m in model.named_modules() if hasattr(m, "base_layer") and ".visual." not in n]
     assert base and all(isinstance(m, bnb.nn.Linear4bit) for m in base)
+    # Policy.load keeps bitsandbytes' training layout: no CPU inference repack after the rollouts (on CPUs with
+    # AVX512-BF16 that repack would break the next backward; see keep_4bit_layout_trainable).
+    assert not any(m.support_avx512bf16_for_cpu for m in base)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in base)
     assert all(m.weight.quant_state.quant_type == "nf4" and not m.weight.requires_grad for m in base)
 
     # Only LoRA parameters train, and the fit changed them.

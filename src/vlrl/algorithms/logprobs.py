@@ -52,7 +52,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, 
     return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), chunk_size)
 
 
-def _chunks(n: int, t: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
+def chunk_grid(n: int, t: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
     """(rows, columns) slices tiling an ``[n, t]`` grid in blocks of about ``chunk_size`` positions.
 
     Whole rows are grouped when a row is shorter than ``chunk_size``; longer rows are split along
@@ -65,6 +65,12 @@ def _chunks(n: int, t: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
             yield slice(i, i + rows), slice(j, j + cols)
 
 
+def _scaled(chunk: Tensor, temperature: float) -> Tensor:
+    """``chunk / temperature`` in float32; a float32 chunk at temperature 1 is used as is (no copy)."""
+    z = chunk.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """Chunked ``z[token] − logsumexp(z)`` with a chunked, recomputing backward."""
 
@@ -73,8 +79,8 @@ class _TokenLogprobs(torch.autograd.Function):
         n, t, _ = logits.shape
         out = logits.new_empty((n, t), dtype=torch.float32)  # [N, T]
         lse = logits.new_empty((n, t), dtype=torch.float32)  # [N, T]
-        for rows, cols in _chunks(n, t, chunk_size):
-            z = logits[rows, cols].float() / temperature  # [n, t, V] float32 chunk
+        for rows, cols in chunk_grid(n, t, chunk_size):
+            z = _scaled(logits[rows, cols], temperature)  # [n, t, V] float32 chunk
             lse[rows, cols] = torch.logsumexp(z, dim=-1)
             picked = z.gather(-1, tokens[rows, cols].unsqueeze(-1)).squeeze(-1)  # [n, t]
             out[rows, cols] = picked - lse[rows, cols]
@@ -91,11 +97,14 @@ class _TokenLogprobs(torch.autograd.Function):
             return None, None, None, None
         n, t, _ = logits.shape
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [N, T, V]
-        for rows, cols in _chunks(n, t, ctx.chunk_size):
-            g = grad_out[rows, cols].float()  # [n, t]
-            z = logits[rows, cols].float() / ctx.temperature  # [n, t, V]
-            # d(z[k] − lse)/dz = onehot(k) − softmax(z), chained through z = logits / temperature.
-            grad_z = -(z - lse[rows, cols].unsqueeze(-1)).exp() * g.unsqueeze(-1)  # [n, t, V]
-            grad_z.scatter_add_(-1, tokens[rows, cols].unsqueeze(-1), g.unsqueeze(-1))
-            grad_logits[rows, cols] = (grad_z / ctx.temperature).to(logits.dtype)
+        for rows, cols in chunk_grid(n, t, ctx.chunk_size):
+            g = grad_out[rows, cols].float().unsqueeze(-1)  # [n, t, 1]
+            z = _scaled(logits[rows, cols], ctx.temperature)  # [n, t, V]
+            # d(z[k] − lse)/dz = onehot(k) − softmax(z), chained through z = logits / temperature;
+            # one new float32 chunk, updated in place.
+            grad_z = (z - lse[rows, cols].unsqueeze(-1)).exp_().mul_(-g)  # [n, t, V]
+            grad_z.scatter_add_(-1, tokens[rows, cols].unsqueeze(-1), g)
+            if ctx.temperature != 1.0:
+                grad_z.div_(ctx.temperature)
+            grad_logits[rows, cols] = grad_z  # cast to the logits' dtype on assignment
         return grad_logits, None, None, None

@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from vlrl.algorithms.logprobs import chunk_grid
+
 # Log-ratios are clamped to this range before ``exp`` so a stale or replayed sample cannot overflow
 # the ratio to ``inf`` (e^20 ≈ 4.9e8 is already far outside any clip range).
 _MAX_LOG_RATIO = 20.0
@@ -276,22 +278,39 @@ def _positive(count: float | Tensor, like: Tensor) -> Tensor:
     return torch.where(count > 0, count, torch.ones_like(count))
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_size: int = 1024) -> Tensor:
     """Entropy of the categorical distribution given by ``logits``, in float32.
 
     Computed as ``−Σ p·log p`` with ``log p = log_softmax(logits)``, which never exponentiates a
     large logit; ``−inf`` logits (masked vocabulary entries) contribute 0.
 
-    The float32 working copy has the size of ``logits``: for a large vocabulary call it on chunks,
-    under ``torch.no_grad()`` when the entropy is only a metric.
+    When no gradient is needed (the entropy is only a metric) it runs over ``chunk_size`` positions
+    at a time, in place on one float32 chunk, so its extra memory is ``chunk_size × V`` floats rather
+    than several copies of ``logits``. Under autograd it keeps the differentiable full-size form.
 
     Args:
         logits: ``[..., V]`` unnormalised scores.
+        temperature: The distribution is ``softmax(logits / temperature)``; dividing here, chunk by
+            chunk, spares the caller a full-size float32 copy of ``logits``.
+        chunk_size: About how many positions the no-gradient path takes at once; the result does not
+            depend on it.
 
     Returns:
         ``[...]`` entropies in nats.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [..., V]
-    # Clamping −inf log-probs to the most negative float keeps 0·log 0 at 0 (and its gradient finite).
-    logp = logp.clamp_min(torch.finfo(logp.dtype).min)  # [..., V]
-    return -(logp.exp() * logp).sum(-1)
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size} and {temperature}.")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+        # Clamping −inf log-probs to the most negative float keeps 0·log 0 at 0 (and its gradient finite).
+        logp = logp.clamp_min(torch.finfo(logp.dtype).min)  # [..., V]
+        return -(logp.exp() * logp).sum(-1)
+    x = logits.detach()
+    x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])  # [N, T, V]; a slice of model outputs stays a view
+    out = torch.empty(x.shape[:-1], dtype=torch.float32, device=logits.device)  # [N, T]
+    for rows, cols in chunk_grid(x.shape[0], x.shape[1], chunk_size):
+        z = x[rows, cols].float()  # [n, t, V]
+        logp = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # [n, t, V]
+        logp.clamp_min_(torch.finfo(torch.float32).min)
+        out[rows, cols] = -logp.exp().mul_(logp).sum(-1)
+    return out.reshape(logits.shape[:-1])

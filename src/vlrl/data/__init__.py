@@ -9,6 +9,7 @@ from vlrl.data.datamodule import PromptDataset, RLDataModule
 from vlrl.data.errors import DataError, RowLocation
 from vlrl.data.images import fit_pixels, load_image
 from vlrl.data.loader import ResumableLoader, ResumableSampler
+from vlrl.data.preference import PreferencePairs, SyntheticPairs, make_pairs
 from vlrl.data.prompts import Prompt, build_messages, render_choices, strip_image_placeholders
 from vlrl.data.schema import Row, validate_row
 from vlrl.data.sft import SFTDataModule
@@ -19,6 +20,7 @@ __all__ = [
     "DataError",
     "Files",
     "HFDataset",
+    "PreferencePairs",
     "Prompt",
     "PromptDataset",
     "RLDataModule",
@@ -29,9 +31,11 @@ __all__ = [
     "SFTDataModule",
     "Source",
     "Synthetic",
+    "SyntheticPairs",
     "build_messages",
     "fit_pixels",
     "load_image",
+    "make_pairs",
     "make_rows",
     "render_choices",
     "save_split",

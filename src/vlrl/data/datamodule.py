@@ -159,7 +159,14 @@ class RLDataModule(LightningDataModule):
     def _load(self, split: Split) -> PromptDataset:
         source = self.sources[split]
         assert source is not None
-        loaded = source.load(self.on_bad_row)
+        try:
+            loaded = source.load(self.on_bad_row)
+        except DataError as error:
+            if error.where is not None:  # a row's error already names its file and line
+                raise
+            raise DataError(
+                f"data.{split}: {error.problem}", error.fix, reason=error.reason, skippable=False
+            ) from error
         total = sum(loaded.skipped.values())
         if total:
             for reason, count in loaded.skipped.items():

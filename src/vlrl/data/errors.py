@@ -44,6 +44,7 @@ class DataError(ValueError):
         self.field = field
         self.reason = reason
         self.problem = problem
+        self.fix = fix
         place = f"{where}: " if where is not None else ""
         subject = f"field '{field}' " if field else ""
         self.detail = f"{place}{subject}{problem}. Fix: {fix}"  # without the hint to skip

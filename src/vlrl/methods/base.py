@@ -36,7 +36,8 @@ from vlrl.callbacks.base import RLCallback
 from vlrl.data import RLDataModule
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
-from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.loading import DTYPES, Policy, tokenizer_of
+from vlrl.models.sharding import shard_model
 from vlrl.rewards import RewardFunction, is_correct, score
 from vlrl.rollout import HFEngine, RolloutEngine, Sampling
 from vlrl.types import PromptBatch, Rollout
@@ -45,6 +46,61 @@ log = logging.getLogger(__name__)
 
 # The loss of one micro-batch: (micro, num_tokens, num_sequences) -> (loss, metrics); see ``accumulate_gradients``.
 MicroLoss = Callable[[Rollout, torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class NonFiniteGradientsError(RuntimeError):
+    """Raised when too many optimizer steps in a row had NaN/inf gradients."""
+
+
+class NonFiniteGuard:
+    """Measures and clips the gradient norm before an optimizer step; drops NaN/inf gradients.
+
+    A NaN or inf anywhere in the gradients (on any rank) makes the norm non-finite; the gradients are
+    then set to ``None``, so the optimizer step that follows changes neither the weights nor the
+    optimizer's moments, but it still counts (``global_step``, the scheduler), which keeps schedules,
+    checkpoint cadence and the data position aligned. ``max_in_a_row`` such steps in a row raise
+    ``NonFiniteGradientsError``. Shared by the RL methods and ``SFT``. Under a precision plugin with
+    a gradient scaler (``16-mixed``) the scaler already skips such steps and adapts its scale, so the
+    guard leaves them to it.
+
+    Args:
+        max_in_a_row: Non-finite steps in a row (per optimizer name) that stop the run.
+    """
+
+    def __init__(self, max_in_a_row: int = 3) -> None:
+        if max_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_steps={max_in_a_row} must be >= 1 (1: stop at the first NaN/inf)")
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row: dict[str, int] = defaultdict(int)
+
+    def clip_or_drop(
+        self, module: pl.LightningModule, optimizer, max_grad_norm: float | None, name: str
+    ) -> dict[str, float]:
+        """Clip ``optimizer``'s gradients to ``max_grad_norm`` (None: measure only), or drop them if not finite.
+
+        Returns ``{name}/grad_norm`` (before clipping) and ``{name}/nonfinite_skipped`` (1.0 if dropped).
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scaler = getattr(module.trainer.precision_plugin, "scaler", None)  # 16-mixed plugins (AMP, FSDP) hold one
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+        bad = torch.tensor(0.0 if scaler is not None or bool(torch.isfinite(norm)) else 1.0, device=module.device)
+        if module.trainer.world_size > 1:  # ranks must agree: all step or none
+            bad = module.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):
+            self.in_a_row[name] = 0
+            return {f"{name}/grad_norm": float(norm), f"{name}/nonfinite_skipped": 0.0}
+        optimizer.zero_grad(set_to_none=True)
+        self.in_a_row[name] += 1
+        where = f"{name} step at global_step {module.global_step}"
+        if self.in_a_row[name] >= self.max_in_a_row:
+            raise NonFiniteGradientsError(
+                f"{self.in_a_row[name]} optimizer steps in a row had NaN/inf gradients (the last: {where}); the "
+                "run stops to keep the last checkpoint good. Look for NaN/inf rewards, losses or inputs (logged "
+                "metrics), lower the learning rate or set max_grad_norm; max_nonfinite_steps sets how many in a "
+                "row are tolerated"
+            )
+        log.warning("NaN/inf gradients in the %s: update skipped (%d in a row)", where, self.in_a_row[name])
+        return {f"{name}/grad_norm": float(norm), f"{name}/nonfinite_skipped": 1.0}
 
 
 class RLMethod(pl.LightningModule):
@@ -69,6 +125,9 @@ class RLMethod(pl.LightningModule):
             rewards score 0 and are counted in ``reward/failures``.
         seed: Seed of the rollout sampling (combined with the step, so a resumed run samples
             as the uninterrupted one would).
+        max_nonfinite_steps: An optimizer step whose gradients hold NaN/inf is skipped (weights and
+            optimizer state unchanged, counted as ``update/nonfinite_skipped``); this many in a row
+            stop the run with an error.
     """
 
     def __init__(
@@ -87,6 +146,7 @@ class RLMethod(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         reward_time_budget_s: float = 120.0,
         seed: int = 0,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
         if group_size < 1:
@@ -110,6 +170,7 @@ class RLMethod(pl.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.reward_time_budget_s = reward_time_budget_s
         self.seed = seed
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.model: torch.nn.Module | None = None
         self.processor: Any = None
         self.val_accuracy = AccuracyBySource()
@@ -125,11 +186,42 @@ class RLMethod(pl.LightningModule):
     def max_new_tokens(self, value: int) -> None:
         self.sampling.max_new_tokens = int(value)
 
+    def setup(self, stage: str) -> None:
+        """Check the batch sizes against the data before ``configure_model`` loads any weights."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and isinstance(datamodule, RLDataModule):
+            self.check_batch_sizes(datamodule.batch_size * self.group_size)
+
+    def check_batch_sizes(self, rollout_size: int) -> None:
+        """Raise if ``mini_batch_size``/``micro_batch_size`` do not fit a rollout of ``rollout_size`` samples."""
+        from vlrl.callbacks.replay import SelectiveSampleReplay  # here: vlrl.callbacks imports vlrl.methods
+
+        replay = [c.batch_size for c in self.trainer.callbacks if isinstance(c, SelectiveSampleReplay) and c.batch_size]
+        update_size = replay[0] if replay else rollout_size  # replay refills the update batch to its batch_size
+        source = (
+            "SelectiveSampleReplay.batch_size"
+            if replay
+            else f"data.batch_size={rollout_size // self.group_size} prompts x group_size={self.group_size}"
+        )
+        mini = self.mini_batch_size or update_size
+        if update_size % mini:
+            raise ValueError(
+                f"mini_batch_size={mini} does not divide the update batch of {update_size} samples ({source}); "
+                f"pick a divisor of {update_size}"
+            )
+        if self.micro_batch_size > mini and self.mini_batch_size is not None:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} is larger than mini_batch_size={mini}: a micro-batch "
+                f"is a slice of a mini-batch; set micro_batch_size to a divisor of {mini}"
+            )
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model, self.processor = self.policy.load()
         self.model.train()  # from_pretrained returns eval mode; dropout (if any) belongs to training
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 units, before the optimizer is built
+            shard_model(self.model, self.device_mesh, DTYPES[self.policy.dtype])
         self.rollout_engine.bind(self.model, self.processor)
 
     @property
@@ -339,12 +431,9 @@ class RLMethod(pl.LightningModule):
         Only the policy's steps advance ``global_step`` (Lightning counts every ``LightningOptimizer.step``):
         with ``advance_global_step=False`` (a critic's optimizer) the step goes through the strategy
         directly, with the same precision handling and hooks, but uncounted. Metrics are named
-        ``{prefix}/grad_norm`` and ``{prefix}/lr``.
+        ``{prefix}/grad_norm``, ``{prefix}/nonfinite_skipped`` and ``{prefix}/lr``.
         """
-        stats: dict[str, float] = {}
-        if self.max_grad_norm is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            stats[f"{prefix}/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        stats = self.nonfinite.clip_or_drop(self, optimizer, self.max_grad_norm, prefix)  # NaN/inf: no update
         if advance_global_step:
             optimizer.step()
         else:
@@ -366,14 +455,16 @@ class RLMethod(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
         width = rollout.response_ids.shape[1]
-        logits = model(**self.model_inputs(rollout), use_cache=False).logits[:, -width - 1 : -1]  # [n, T, V]
+        # logits of the response positions only: none (and no gradient) for the prompt's
+        output = model(**self.model_inputs(rollout), use_cache=False, logits_to_keep=width + 1)
+        logits = output.logits[:, :-1]  # [n, T, V]
         temperature = self.sampling.temperature or 1.0
         response = rollout.response_ids.to(self.device)
         logprobs = token_logprobs(logits, response, temperature)  # [n, T]
         entropy = None
         if with_entropy:
             with torch.enable_grad() if self.entropy_needs_grad else torch.no_grad():
-                entropy = entropy_from_logits(logits.float() / temperature)  # [n, T]
+                entropy = entropy_from_logits(logits, temperature)  # [n, T]
         return logprobs, entropy
 
     def model_inputs(self, rollout: Rollout, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -6,6 +6,18 @@ loss is the PPO-clip objective with asymmetric clip range and optional dual clip
 the update batch (token-mean by default), plus ``kl_coef`` × a KL estimate to a frozen reference
 (the adapter-disabled policy under LoRA). An optional entropy bonus is subtracted.
 
+With a rollout engine other than HF ``generate`` (vLLM), the engine's log-probs differ slightly from the
+trainer's. ``importance_correction: tis`` (truncated importance sampling, Yao et al. 2025) recomputes
+the trainer's log-probs of each rollout before the step's updates, uses them as ``π_old`` of the PPO
+ratio and weights each token's policy term by ``min(π_trainer / π_engine, tis_cap)``; ``measure`` only
+logs the mismatch. Replayed samples (``SelectiveSampleReplay``) get the same treatment, their stored
+log-probs playing the engine's part: the ratio is then taken to the current weights and the weight
+corrects for the older policy that sampled them (decoupled PPO), truncated at ``tis_cap``.
+
+Under FSDP2 (``configs/trainer/fsdp2.yaml``) the KL reference model, when one is loaded (``kl_coef > 0``
+without LoRA), is sharded like the policy rather than replicated: each GPU then holds 1/N of it, not a
+whole copy, and frees the gathered blocks after each forward.
+
 Run: ``lightning-cli fit --config configs/demo/grpo.yaml`` (tiny model, CPU) or
 ``lightning-cli fit --config configs/grpo.yaml`` (Qwen2.5-VL-7B).
 """
@@ -17,9 +29,17 @@ from typing import Literal
 
 import torch
 
-from vlrl.algorithms import aggregate_loss, group_advantages, kl_penalty, masked_mean, policy_loss
+from vlrl.algorithms import (
+    aggregate_loss,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    truncated_importance_weights,
+)
 from vlrl.methods.base import RLMethod
-from vlrl.models.loading import Policy
+from vlrl.models.loading import DTYPES, Policy
+from vlrl.models.sharding import shard_model
 from vlrl.types import Rollout
 
 
@@ -41,6 +61,12 @@ class GRPO(RLMethod):
         reference: The frozen reference policy; default: the initial policy weights (under LoRA,
             the policy with its adapters disabled, so no second model is loaded).
         entropy_coef: Weight of an entropy bonus (0 = off).
+        importance_correction: Rollout-engine / trainer log-prob mismatch: ``none``; ``measure``
+            recomputes the trainer's log-probs of every rollout and logs the mismatch
+            (``rollout/engine_mismatch_*``) without changing the loss; ``tis`` also uses them as
+            ``π_old`` of the ratio and weights each token's policy term by
+            ``min(π_trainer / π_engine, tis_cap)``. For vLLM rollouts; with HF ``generate`` both agree.
+        tis_cap: Truncation ``C`` > 0 of the importance weights (``tis``; 2 in the paper).
         **kwargs: The arguments of ``RLMethod``: policy, rewards, rollout_engine, sampling,
             group_size, mini_batch_size, micro_batch_size, epochs, optimizer, lr_scheduler, ...
     """
@@ -59,6 +85,8 @@ class GRPO(RLMethod):
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         reference: Policy | None = None,
         entropy_coef: float = 0.0,
+        importance_correction: Literal["none", "measure", "tis"] = "none",
+        tis_cap: float = 2.0,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -69,18 +97,26 @@ class GRPO(RLMethod):
             )
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (got {dual_clip}) or null")
+        if importance_correction not in ("none", "measure", "tis"):
+            raise ValueError(f"importance_correction={importance_correction!r} must be 'none', 'measure' or 'tis'")
+        if tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 (got {tis_cap}); the paper uses 2.0")
         self.advantage = advantage
         self.eps_low, self.eps_high, self.dual_clip = eps_low, eps_high, dual_clip
         self.loss_aggregation = loss_aggregation
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.reference = reference
         self.entropy_coef = entropy_coef
+        self.importance_correction, self.tis_cap = importance_correction, tis_cap
         self._ref_model: list[torch.nn.Module] = []  # kept out of the module tree: never trained or saved
 
     def configure_model(self) -> None:
         super().configure_model()
         if self.kl_coef > 0 and self.policy.lora is None and not self._ref_model:
-            ref, _ = (self.reference or Policy(self.policy.model_path, dtype=self.policy.dtype)).load()
+            reference = self.reference or Policy(self.policy.model_path, dtype=self.policy.dtype)
+            ref, _ = reference.load()
+            if self.device_mesh is not None:  # FSDP2: sharded like the policy (see the module docstring)
+                shard_model(ref, self.device_mesh, DTYPES[reference.dtype], frozen=True)
             self._ref_model.append(ref.eval().requires_grad_(False))
 
     def on_fit_start(self) -> None:
@@ -96,17 +132,45 @@ class GRPO(RLMethod):
 
     @torch.no_grad()
     def prepare_update(self, rollout: Rollout) -> None:
-        if self.kl_coef <= 0:
-            return
+        if self.kl_coef > 0:
+            rollout.ref_logprobs = self.reference_logprobs(rollout)  # [N, T]
+        if self.importance_correction != "none":
+            self.correct_engine_mismatch(rollout)
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``[N, T]`` log-probs of the rollout under the reference (the adapter-disabled policy under LoRA)."""
         parts = []
-        for start in range(0, len(rollout), self.micro_batch_size):
-            micro = rollout.select(list(range(start, min(start + self.micro_batch_size, len(rollout)))))
+        for micro in self.micro_batches(rollout):
             if self._ref_model:
                 parts.append(self.policy_logprobs(self._ref_model[0], micro)[0])
             else:
                 with self.model.disable_adapter() if self.policy.lora is not None else nullcontext():
                     parts.append(self.policy_logprobs(self.model, micro)[0])
-        rollout.ref_logprobs = torch.cat(parts).detach()  # [N, T]
+        return torch.cat(parts).detach()  # [N, T]
+
+    def correct_engine_mismatch(self, rollout: Rollout) -> None:
+        """Measure the engine / trainer mismatch of ``rollout``; under ``tis``, set the trainer's log-probs as
+        ``π_old`` (the engine's kept in ``extras["engine_logprobs"]``) and the weights in ``extras["is_weights"]``.
+
+        Runs before the step's first update, so the trainer's log-probs are those of the sampling weights.
+        """
+        trainer = torch.cat([self.policy_logprobs(self.model, m)[0].float().cpu() for m in self.micro_batches(rollout)])
+        trainer = trainer * rollout.response_mask  # [N, T], 0 on padding like the engine's
+        engine = rollout.logprobs  # [N, T]
+        out = truncated_importance_weights(trainer, engine.float(), rollout.train_mask, cap=self.tis_cap)
+        figures = {
+            "rollout/engine_mismatch_mean_abs_log_ratio": out.mean_abs_log_ratio.item(),
+            "rollout/engine_mismatch_max_abs_log_ratio": out.max_abs_log_ratio.item(),
+            "rollout/engine_mismatch_kl": out.kl.item(),
+            "rollout/engine_mismatch_truncated_frac": out.truncated_fraction.item(),
+        }
+        rollout.stats.update(figures)
+        if self._trainer is not None:
+            self.log_dict(figures, batch_size=1)
+        if self.importance_correction == "tis":
+            rollout.extras["engine_logprobs"] = engine
+            rollout.extras["is_weights"] = out.weights  # [N, T], selected with the samples
+            rollout.logprobs = trainer
 
     def loss(
         self,
@@ -128,6 +192,9 @@ class GRPO(RLMethod):
             dual_clip=self.dual_clip,
         )
         per_token = out.per_token  # [n, T]
+        if self.importance_correction == "tis":
+            per_token = per_token * rollout.extras["is_weights"].to(logprobs.device)  # [n, T]
+        policy_term = per_token.detach()
         stats = {
             "update/clip_frac": out.clip_fraction,
             "update/approx_kl": out.approx_kl,
@@ -147,5 +214,5 @@ class GRPO(RLMethod):
             num_sequences=num_sequences,
             max_len=self.sampling.max_new_tokens,
         )
-        stats["update/policy_loss"] = masked_mean(out.per_token.detach(), mask)
+        stats["update/policy_loss"] = masked_mean(policy_term, mask)
         return loss, {k: v.detach() for k, v in stats.items()}

@@ -45,7 +45,8 @@ from vlrl.algorithms import (
 )
 from vlrl.algorithms import normalize_advantages as whiten
 from vlrl.methods.base import RLMethod
-from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.loading import DTYPES, Policy, tokenizer_of
+from vlrl.models.sharding import shard_model
 from vlrl.models.value import ValueModel, load_value_model
 from vlrl.types import Rollout
 
@@ -121,6 +122,8 @@ class PPO(RLMethod):
             return
         self.critic_model, processor = load_value_model(self.critic)
         self.critic_model.train()
+        if self.device_mesh is not None:  # ModelParallelStrategy: the critic is sharded like the policy
+            shard_model(self.critic_model, self.device_mesh, DTYPES[self.critic.dtype])
         if len(tokenizer_of(processor)) != len(self.tokenizer):
             raise ValueError(
                 f"critic.model_path={self.critic.model_path!r} has a vocabulary of {len(tokenizer_of(processor))} "

@@ -42,6 +42,7 @@ from PIL import Image
 
 from vlrl.algorithms import aggregate_loss, token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD, ends_with_assistant
+from vlrl.methods.base import NonFiniteGuard
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, extend_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
@@ -230,6 +231,8 @@ class SFT(pl.LightningModule):
         eval_sampling: If set, validation and test also generate a response for each prompt (the
             conversation before its first assistant turn) and report accuracy against the rows'
             gold answers (``val/accuracy``); the loss (``val/loss``) is always reported.
+        max_nonfinite_steps: A step whose gradients hold NaN/inf is skipped (weights and optimizer
+            state unchanged, counted as ``update/nonfinite_skipped``); this many in a row stop the run.
     """
 
     def __init__(
@@ -242,6 +245,7 @@ class SFT(pl.LightningModule):
         micro_batch_size: int = 8,
         max_grad_norm: float | None = 1.0,
         eval_sampling: Sampling | None = None,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
         if max_length is not None and max_length < 2:
@@ -259,6 +263,7 @@ class SFT(pl.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.eval_sampling = eval_sampling
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.engine = HFEngine()
         self.model: torch.nn.Module | None = None
         self.processor: Any = None
@@ -352,9 +357,7 @@ class SFT(pl.LightningModule):
             self.manual_backward(loss * world)
             total += float(loss.detach())
         stats = {"train/loss": total, "train/tokens": float(num_tokens)}
-        if self.max_grad_norm is not None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            stats["update/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        stats.update(self.nonfinite.clip_or_drop(self, optimizer, self.max_grad_norm, "update"))  # NaN/inf: no update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:

@@ -120,6 +120,8 @@ class Policy:
             freeze(vision_modules(model))
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.quantization == "nf4":
+            keep_4bit_layout_trainable(model)
         if self.lora is not None:
             model = apply_lora(model, self.lora, quantized=self.quantization is not None)
         return model, processor
@@ -155,6 +157,20 @@ def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if name.rsplit(".", 1)[-1] in VISION_MODULE_NAMES and outermost:
             found[name] = module
     return list(found.values())
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights in every ``Linear4bit`` of ``model``.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` run in eval mode without gradients (a rollout) repacks its
+    weight into an inference-only layout, and the next training forward takes a path autograd cannot go
+    through. The policy alternates rollouts and updates, so it keeps the standard layout (GPUs never repack).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def freeze(modules: list[torch.nn.Module]) -> None:

@@ -7,6 +7,8 @@
 - ``score``: runs reward functions with a time budget and failure accounting -> ``RewardScores``.
 - reasoners (``HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``: one batched ``Reasoner`` protocol)
   and ``CaptionReward``, the reasoner's graded accuracy from a caption (RACRO).
+- ``PreferenceReward`` (a pairwise judge's accuracy + format, UnifiedReward-Think) and ``JudgeReward``
+  (a trained judge as the reward of another method).
 """
 
 from vlrl.rewards.caption import CaptionReward, CaptionScores
@@ -19,6 +21,7 @@ from vlrl.rewards.functions import (
     ThinkFormatReward,
 )
 from vlrl.rewards.grading import is_correct
+from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, judged_correctly
 from vlrl.rewards.reasoners import (
     HFReasoner,
     OpenAIReasoner,
@@ -37,8 +40,10 @@ __all__ = [
     "CaptionScores",
     "HFReasoner",
     "InvalidResponsePenalty",
+    "JudgeReward",
     "NativeWaitBonus",
     "OpenAIReasoner",
+    "PreferenceReward",
     "Reasoner",
     "ReasonerError",
     "ReasonerOutput",
@@ -47,10 +52,12 @@ __all__ = [
     "TagFormatReward",
     "ThinkFormatReward",
     "VLLMReasoner",
+    "answer_tag",
     "count_waits",
     "extract_answer",
     "extract_boxed",
     "invalid_reason",
     "is_correct",
+    "judged_correctly",
     "score",
 ]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from PIL import Image
 
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
@@ -77,8 +78,8 @@ class HFReasoner:
     a config can name a large reasoner without loading it.
 
     Args:
-        model_path: Hugging Face hub id or local directory of a causal LM (or a VLM, used text
-            only); ``tiny:qwen2`` builds a tiny random model offline.
+        model_path: Hugging Face hub id or local directory of a causal LM, or of a VLM (text only, or
+            shown images passed to ``generate``); ``tiny:qwen2`` builds a tiny random model offline.
         dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
         max_batch_size: Most prompts per ``generate`` call (``None``: all at once).
         attn_implementation: Attention kernel passed to ``from_pretrained``.
@@ -117,10 +118,21 @@ class HFReasoner:
         self.model.to(device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Messages], sampling: Sampling, seed: int | None = None) -> list[ReasonerOutput]:
+    def generate(
+        self,
+        prompts: list[Messages],
+        sampling: Sampling,
+        seed: int | None = None,
+        images: list[list[Image.Image]] | None = None,
+    ) -> list[ReasonerOutput]:
+        """One answer per prompt; ``images`` (a VLM only): each prompt's images, one ``{"type": "image"}``
+        content part in its messages for each."""
         if self.model is None:
             raise RuntimeError("HFReasoner.generate called before setup(device)")
-        encoded = [encode_prompt(self.processor, messages, []) for messages in prompts]
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts")
+        per_prompt = images if images is not None else [[] for _ in prompts]
+        encoded = [encode_prompt(self.processor, m, imgs) for m, imgs in zip(prompts, per_prompt, strict=True)]
         size = self.max_batch_size or max(len(encoded), 1)
         device = next(self.model.parameters()).device
         outputs: list[ReasonerOutput] = []
@@ -283,6 +295,11 @@ class OpenAIReasoner:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(
                 f"base_url={base_url!r} must start with http:// or https://, e.g. http://localhost:8000/v1"
+            )
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(
+                f"OpenAIReasoner.model={model!r} is empty: set it to the name the server serves (`vllm serve`'s "
+                "model argument or --served-model-name; GET {base_url}/models lists them)"
             )
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency} must be >= 1")

@@ -3,16 +3,22 @@
 Sampling is true sampling unless configured otherwise (``top_k=0``: HF's default of 50 is not
 applied), vision special tokens are never sampled, and log-probs are taken from the raw logits at
 the sampling temperature (not from the processed scores), so they are the log-probs the trainer
-recomputes. ``update_weights`` has nothing to do: the engine generates with the module itself.
+recomputes. ``update_weights`` has nothing to do: the engine generates with the module itself (under
+FSDP2 its shards are gathered for the duration of each call; under FSDP1 the ranks decode in step).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlrl.algorithms import token_logprobs
 from vlrl.models.inputs import collate, to_device
 from vlrl.models.loading import tokenizer_of
+from vlrl.models.sharding import gathered, needs_synced_generation
 from vlrl.rollout.base import Generation, Sampling, generation_config
 from vlrl.types import EncodedPrompt
 
@@ -64,7 +70,11 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # under FSDP the parameters are gathered once for the call, not once per token
+            with (
+                gathered(self.model, self.pad_id),
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            ):
                 if seed is not None:
                     torch.manual_seed(seed)
                 chunks = [self._generate(prompts[i : i + size], sampling, device) for i in range(0, len(prompts), size)]
@@ -75,19 +85,24 @@ class HFEngine:
     def _generate(self, prompts: list[EncodedPrompt], sampling: Sampling, device: torch.device) -> Generation:
         batch = to_device(collate(prompts, self.pad_id), device, self.model.dtype)
         greedy = sampling.temperature == 0
-        config = generation_config(
-            sampling,
-            self.stop_ids,
-            self.pad_id,
-            suppress_tokens=self.suppress_ids or None,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        out = self.model.generate(**batch, generation_config=config)
+        # plain temperature sampling (the RL default) is done by the recorder; top-k/top-p by HF's warpers
+        own_sampling = not greedy and not sampling.top_k and sampling.top_p >= 1.0
+        hf_sampling = replace(sampling, temperature=0.0) if own_sampling else sampling  # HF then takes the argmax
+        config = generation_config(hf_sampling, self.stop_ids, self.pad_id, suppress_tokens=self.suppress_ids or None)
+        recorder = StepLogprobs(1.0 if greedy else sampling.temperature, sample=own_sampling)
+        hooked = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # under PEFT
+        handle = hooked.register_forward_hook(recorder.on_forward)
+        try:
+            synced = needs_synced_generation(self.model)  # FSDP1: every rank runs as many passes as the longest
+            sequences = self.model.generate(
+                **batch, generation_config=config, logits_processor=LogitsProcessorList([recorder]), synced_gpus=synced
+            )
+        finally:
+            handle.remove()
         width = batch["input_ids"].shape[1]
-        response = out.sequences[:, width:].cpu()  # [n, T]
-        logits = torch.stack(out.logits, dim=1).float()  # [n, T, V] raw, before any processor
-        logprobs = token_logprobs(logits, response.to(logits.device), 1.0 if greedy else sampling.temperature).cpu()
+        response = sequences[:, width:]  # [n, T]
+        logprobs = recorder.finish(response).cpu()  # [n, T] raw, before any logits processor
+        response = response.cpu()
         is_stop = torch.isin(response, torch.tensor(self.stop_ids))  # [n, T]
         stopped = is_stop.any(dim=1)
         first_stop = torch.where(stopped, is_stop.int().argmax(dim=1), response.shape[1] - 1)
@@ -99,6 +114,66 @@ class HFEngine:
             logprobs=logprobs * mask,
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
+
+
+class StepLogprobs(LogitsProcessor):
+    """Log-probs of the tokens ``generate`` picks, one step at a time; optionally picks them itself.
+
+    A forward hook (``on_forward``) keeps a reference to the raw logits of the latest pass, before
+    any logits processor. ``generate`` calls this processor once per generated token, right after
+    that pass (and not for the idle passes of a rank that has finished under synchronised
+    generation), so the step's raw logits are reduced to ``[n]`` log-probs of the chosen token as
+    soon as it is known: right away when this processor samples, else at the next step from the
+    token ``generate`` appended. Only one step of logits is alive at a time; HF's ``output_logits``
+    would keep all of them, ``[n, T, V]`` in float32, until the end (GiBs for long responses over a
+    150k vocabulary).
+
+    With ``sample=True`` it also draws the token (temperature sampling, no top-k/top-p) by inverse
+    transform: one uniform number per row against the float64 cumulative distribution, instead of
+    ``torch.multinomial``, which on CPU draws an exponential variate for every vocabulary entry (half
+    of the decoding time with a 150k vocabulary). The scores it returns are 0 at the drawn token and
+    ``−inf`` elsewhere, for HF's greedy step to pick. Processors that run before it (suppressed
+    tokens, ``min_new_tokens``) shape the distribution it samples; the log-probs stay the raw ones.
+    """
+
+    def __init__(self, temperature: float, sample: bool = False) -> None:
+        self.temperature = temperature
+        self.sample = sample
+        self.latest: torch.Tensor | None = None  # [n, 1, V] raw logits of the latest forward pass
+        self.pending: torch.Tensor | None = None  # [n, 1, V] raw logits of a step whose token is not yet known
+        self.columns: list[torch.Tensor] = []  # T' x [n]
+
+    def on_forward(self, module: torch.nn.Module, args: tuple, output) -> None:
+        self.latest = output.logits[:, -1:].detach()  # [n, 1, V]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:  # the previous step's token is the last one appended
+            self._take(input_ids[:, -1])
+        if self.latest is None:
+            raise RuntimeError(
+                "no forward pass of the model was seen before sampling (is the hook on the right module?)"
+            )
+        self.pending = self.latest
+        if not self.sample:
+            return scores
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)  # [n, V]
+        cdf = probs.cumsum_(dim=-1)  # [n, V]
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # [n, 1] in [0, total)
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[1] - 1)  # [n, 1] first cdf > u
+        self._take(tokens[:, 0])
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)  # [n, V]
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.columns.append(token_logprobs(self.pending, tokens[:, None], self.temperature)[:, 0])  # [n]
+        self.pending = None
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """``[n, T]`` log-probs of ``response`` (the generated tokens); checks one step per token."""
+        if self.pending is not None:
+            self._take(response[:, -1].to(self.pending.device))
+        if len(self.columns) != response.shape[1]:
+            raise RuntimeError(f"recorded {len(self.columns)} steps for {response.shape[1]} generated tokens")
+        return torch.stack(self.columns, dim=1)  # [n, T]
 
 
 def _concat(chunks: list[Generation], pad_id: int) -> Generation:
