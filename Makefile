@@ -48,6 +48,15 @@ install-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/lightning-cli fit --config configs/demo/grpo.yaml
 
+.PHONY: demo-unified-reward-think
+demo-unified-reward-think: $(STAMP)  # UnifiedReward-Think's three stages on a tiny judge, CPU: cold start, rejection sampling, GRPO
+	rm -rf outputs/demo/unified_reward_think
+	$(BIN)/lightning-cli fit --config configs/demo/unified_reward_think/cold_start.yaml
+	$(BIN)/lightning-cli predict --config configs/demo/unified_reward_think/rejection_sampling.yaml
+	$(BIN)/lightning-cli fit --config configs/demo/unified_reward_think/grpo.yaml
+	$(BIN)/lightning-cli test --config configs/demo/unified_reward_think/grpo.yaml \
+		--ckpt_path outputs/demo/unified_reward_think/grpo/checkpoints/last.ckpt
+
 test: test-main test-vllm  # in this order: the main lane, then (if it passed) the vLLM lane
 
 test-main: $(STAMP)
