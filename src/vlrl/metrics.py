@@ -29,14 +29,19 @@ class AccuracyBySource(Metric):
         self.add_state("total", default=torch.zeros(max_sources), dist_reduce_fx="sum")
 
     def update(self, correct: list[bool] | torch.Tensor, sources: list[str]) -> None:
+        hits, seen = torch.zeros_like(self.correct), torch.zeros_like(self.total)  # [max_sources]
         for ok, source in zip(torch.as_tensor(correct).tolist(), sources, strict=True):
             if source not in self.names:
                 if len(self.names) == self.max_sources:
                     raise ValueError(f"more than {self.max_sources} data sources; raise max_sources")
                 self.names.append(source)
             i = self.names.index(source)
-            self.correct[i] += float(ok)
-            self.total[i] += 1.0
+            hits[i] += float(ok)
+            seen[i] += 1.0
+        # out of place: states reset under ``trainer.validate``'s inference mode are inference tensors,
+        # which a later ``fit`` (no inference mode) may read but not update in place
+        self.correct = self.correct + hits
+        self.total = self.total + seen
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {"accuracy": self.correct.sum() / self.total.sum().clamp(min=1)}
