@@ -264,8 +264,6 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   num_sanity_val_steps: 0
-  callbacks:
-    - class_path: vlrl.methods.reward_model.JudgeInputs
 model:
   class_path: vlrl.methods.GRPO
   init_args:

@@ -224,6 +224,11 @@ class RLMethod(pl.LightningModule):
             shard_model(self.model, self.device_mesh, DTYPES[self.policy.dtype])
         self.rollout_engine.bind(self.model, self.processor)
 
+    def on_fit_start(self) -> None:
+        for reward in self.rewards:  # rewards that hold a model (a judge) load it now, not inside the time budget
+            if callable(getattr(reward, "setup", None)):
+                reward.setup(self.device)
+
     @property
     def tokenizer(self):
         return tokenizer_of(self.processor)
@@ -321,6 +326,8 @@ class RLMethod(pl.LightningModule):
             choices=[rollout.batch.choices[i] for i in idx],
             finish_reasons=rollout.finish_reasons,
             data_sources=[rollout.batch.data_sources[i] for i in idx],
+            questions=[rollout.batch.questions[i] for i in idx] if rollout.batch.questions else None,
+            images=[rollout.batch.images[i] for i in idx],
             time_budget_s=self.reward_time_budget_s,
             **{k: v for k, v in rollout.extras.items() if isinstance(v, list)},  # per-sample facts from callbacks
         )

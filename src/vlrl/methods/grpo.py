@@ -120,6 +120,7 @@ class GRPO(RLMethod):
             self._ref_model.append(ref.eval().requires_grad_(False))
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self._ref_model:
             self._ref_model[0].to(self.device)
 

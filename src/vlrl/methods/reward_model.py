@@ -25,8 +25,8 @@ and a pair goes to the GRPO file only when none is correct (with 1, the default,
 exactly right/wrong). Verdicts are compared after normalising case, spaces and surrounding
 punctuation.
 
-``JudgeInputs`` is the callback that lets any RL method use a trained judge as a reward
-(``vlrl.rewards.JudgeReward``): it hands the rewards each sample's question and images.
+Any RL method can use a trained judge as a reward (``vlrl.rewards.JudgeReward``): the RL step hands
+the rewards each sample's question and images.
 
 Run (tiny models, CPU): ``make demo-unified-reward-think``.
 """
@@ -36,17 +36,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlrl.algorithms import group_advantages
-from vlrl.callbacks.base import RLCallback
-from vlrl.methods.base import RLMethod
 from vlrl.methods.grpo import GRPO
 from vlrl.methods.sophia_data import TrajectoryWriter
 from vlrl.metrics import AccuracyBySource
-from vlrl.rewards import JudgeReward, TagFormatReward, judged_correctly
+from vlrl.rewards import TagFormatReward, judged_correctly
 from vlrl.rollout import Sampling
 from vlrl.types import PromptBatch, Rollout
 
@@ -177,32 +174,4 @@ class UnifiedRewardThink(GRPO):
         )
 
 
-class JudgeInputs(RLCallback):
-    """Hands a rollout's questions and images to the reward functions (for ``vlrl.rewards.JudgeReward``).
-
-    After sampling, it adds to ``rollout.extras`` the per-sample lists ``questions`` (each sample's
-    raw question) and ``images`` (its prompt's images); the method passes list-valued extras to the
-    rewards as keyword arguments. At fit start it loads every ``JudgeReward`` of the module onto the
-    module's device, so loading does not count against the reward time budget.
-    """
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rewards = pl_module.rewards if isinstance(pl_module, RLMethod) else []
-        for reward in rewards:
-            if isinstance(reward, JudgeReward):
-                reward.setup(pl_module.device)
-
-    def on_rollout_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout: Rollout) -> Rollout:
-        index = rollout.group_index.tolist()
-        batch = rollout.batch
-        if len(batch.questions) != len(batch):
-            raise ValueError(
-                f"JudgeInputs needs PromptBatch.questions ({len(batch.questions)} for {len(batch)} prompts); "
-                "batches of vlrl.data.RLDataModule carry them"
-            )
-        rollout.extras["questions"] = [batch.questions[i] for i in index]
-        rollout.extras["images"] = [batch.images[i] for i in index]
-        return rollout
-
-
-__all__ = ["JudgeInputs", "UnifiedRewardThink", "pair_row", "split_judgements"]
+__all__ = ["UnifiedRewardThink", "pair_row", "split_judgements"]

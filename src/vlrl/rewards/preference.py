@@ -130,10 +130,9 @@ class JudgeReward(RewardFunction):
     down) is counted the same way, so neither stops the run. ``counts`` keeps running totals
     (``judged``, ``unparseable``).
 
-    The judge needs each sample's question and images: the method passes them as ``questions``
-    and ``images`` keyword arguments (``vlrl.methods.reward_model.JudgeInputs`` adds them to a
-    rollout for methods that do not). The judge is loaded by ``setup`` (on the first call if
-    nobody called it earlier).
+    The judge needs each sample's question and images: the RL step passes them as ``questions``
+    and ``images`` keyword arguments. The judge is loaded by ``setup`` (the RL methods call it at
+    fit start; otherwise on the first call).
 
     Args:
         judge: The judge's backend: ``vlrl.rewards.HFReasoner`` (a local model, shown the images),
@@ -219,8 +218,8 @@ class JudgeReward(RewardFunction):
     ) -> list[float]:
         if questions is None:
             raise ValueError(
-                "JudgeReward needs each sample's question: add vlrl.methods.reward_model.JudgeInputs to "
-                "trainer.callbacks (it passes the questions and images of a rollout to the rewards)"
+                "JudgeReward needs each sample's question: the RL step passes PromptBatch.questions, which "
+                "batches of vlrl.data.RLDataModule carry; a custom datamodule must fill it"
             )
         if not self._ready:
             self.setup("cuda" if torch.cuda.is_available() else "cpu")
