@@ -208,6 +208,18 @@ class Result:
     wall_s: float
     steps: int
     curves: Curves
+    commit: str = field(default_factory=lambda: code_version())
+
+
+def code_version() -> str:
+    """The commit the run's code came from, with ``+dirty`` when the source tree had changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "callbacks", "benchmarks/learning.py") else "")
 
 
 def run_rl(
