@@ -44,13 +44,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vlrl.callbacks import ForcedRethinking, SelectiveSampleReplay
-from vlrl.data import RLDataModule, SFTDataModule, Synthetic
+from vlrl.data import PreferencePairs, RLDataModule, SFTDataModule, Synthetic, SyntheticPairs
 from vlrl.data.prompts import build_messages
 from vlrl.data.synthetic import make_rows
-from vlrl.methods import GRPO, PPO, RACRO, SFT, SOPHIA
+from vlrl.methods import GRPO, PPO, RACRO, SFT, SOPHIA, UnifiedRewardThink
 from vlrl.methods.racro import CAPTION_PROMPT, CAPTION_SYSTEM_PROMPT
 from vlrl.models import Policy
-from vlrl.rewards import AccuracyReward, CaptionReward, HFReasoner, InvalidResponsePenalty
+from vlrl.rewards import AccuracyReward, CaptionReward, HFReasoner, InvalidResponsePenalty, PreferenceReward
 from vlrl.rollout import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,38 @@ def rl_data(seed: int, batch_size: int) -> RLDataModule:
         batch_size=batch_size,
         eval_batch_size=64,
         prompt_template=PROMPT,
+        seed=seed,
+    )
+
+
+JUDGE_PROMPT = (
+    "Caption: {caption}\nWhich image fits the caption better? Score both images on consistency, aesthetics and "
+    'authenticity inside <think></think>, then answer "Image 1 is better" or "Image 2 is better" inside <answer></answer>.'
+)
+
+
+class JudgePairs(PreferencePairs):
+    """Generation pairs of the renderer (a caption, two drawings) as judging prompts, whose ``data_source`` is
+    what the two drawings differ in (``color`` or ``shape``), so the judge's accuracy is reported per kind."""
+
+    def __init__(self, split: str, size: int) -> None:
+        super().__init__(SyntheticPairs(split, size, tasks=["generation"]), generation_prompt=JUDGE_PROMPT)
+
+    def judge_record(self, record: Any, where: Any) -> dict[str, Any]:
+        row = super().judge_record(record, where)
+        # the templated judgement names both drawings: "Image 1 shows a red square, Image 2 a blue square; ..."
+        first, second = row["response"].removeprefix("<think>Image 1 shows ").split(";")[0].split(", Image 2 ")
+        row["data_source"] = "shape" if first.split()[1] == second.split()[1] else "color"
+        return row
+
+
+def judge_data(seed: int, batch_size: int) -> RLDataModule:
+    """Training pairs of the train split; the held-out test split as validation."""
+    return RLDataModule(
+        train=JudgePairs("train", 2048),
+        val=JudgePairs("test", HELD_OUT),
+        batch_size=batch_size,
+        eval_batch_size=64,
         seed=seed,
     )
 
@@ -300,6 +332,16 @@ def reasoner_start() -> str:
     return warm_start("reasoner_sft", Policy("tiny:qwen2", dtype="float32"), sft_data("reasoner", "{question}"), 100)
 
 
+def judge_start() -> str:
+    """UnifiedReward-Think's cold start: SFT on templated judgements of generation pairs (format learnt, verdicts
+    partly right)."""
+    data = SFTDataModule(train=JudgePairs("train", 2048), batch_size=32)
+    return warm_start("judge_sft", Policy("tiny:qwen2_5_vl", dtype="float32"), data, steps=JUDGE_SFT_STEPS)
+
+
+JUDGE_SFT_STEPS = 150
+
+
 def cold_start() -> str:
     """Open Vision Reasoner's stage 1: language-only SFT on scenes in words with step-by-step reasoning."""
     policy = Policy("tiny:qwen2_5_vl", dtype="float32", freeze_vision=True)
@@ -364,8 +406,9 @@ def grpo(seed: int) -> Result:
 
 
 @method("vl_rethinker")
-def vl_rethinker(seed: int) -> Result:
-    """GRPO (mean-only advantages, clip 0.2/0.35) with forced rethinking and selective sample replay."""
+def vl_rethinker(seed: int, mask_trigger: bool = True, name: str = "vl_rethinker") -> Result:
+    """GRPO (mean-only advantages, clip 0.2/0.35) with forced rethinking and selective sample replay; the
+    inserted trigger ("Wait, ...") is left out of the loss."""
     module = GRPO(
         policy=Policy(answer_start(), dtype="float32"),
         rewards=[AccuracyReward(), InvalidResponsePenalty()],
@@ -381,13 +424,19 @@ def vl_rethinker(seed: int) -> Result:
             min_room=4,
             min_continuation_tokens=1,
             max_continuation_tokens=12,
-            mask_trigger=True,  # learnt trigger tokens made the policy say "Wait" until truncated (see the report)
+            mask_trigger=mask_trigger,
             seed=seed,
         ),
         SelectiveSampleReplay(alpha=1.0),
     ]
     data = rl_data(seed, batch_size=8)
-    return run_rl("vl_rethinker", seed, module, data, steps=48, every=16, key="reward/accuracy", callbacks=callbacks)
+    return run_rl(name, seed, module, data, steps=48, every=16, key="reward/accuracy", callbacks=callbacks)
+
+
+@method("vl_rethinker_trained_trigger")
+def vl_rethinker_trained_trigger(seed: int) -> Result:
+    """The paper's setting: the inserted trigger tokens are trained on like the policy's own tokens."""
+    return vl_rethinker(seed, mask_trigger=False, name="vl_rethinker_trained_trigger")
 
 
 @method("ovr")
@@ -399,7 +448,7 @@ def ovr(seed: int) -> Result:
         critic=Policy(start, dtype="float32"),
         rewards=[AccuracyReward()],
         critic_steps=4,
-        optimizer=adamw(2e-4),
+        optimizer=adamw(1e-4),  # at 2e-4 one seed's entropy ran away (0.5 -> 6.9 nats) and every answer was truncated
         critic_optimizer=adamw(1e-3),
         seed=seed,
         **short_answers(
@@ -448,6 +497,32 @@ def sophia(seed: int) -> Result:
     return run_rl("sophia", seed, module, rl_data(seed, batch_size=8), steps=48, every=16, key="reasoner/accuracy")
 
 
+@method("unified_reward_think")
+def unified_reward_think(seed: int) -> Result:
+    """UnifiedReward-Think's GRPO stage: the judge, after its cold start, rewarded for right verdicts (+ format).
+
+    The held-out figure is the judge's pairwise accuracy on generation pairs; the paper's settings (std advantages
+    with eps 1e-4, top-p 0.95, k3 KL 0.04 to the cold start) except the learning rate (a tiny model)."""
+    module = UnifiedRewardThink(
+        policy=Policy(judge_start(), dtype="float32"),
+        rewards=[PreferenceReward(format_weight=1.0)],
+        advantage="std",
+        advantage_eps=1e-4,
+        kl_coef=0.04,
+        optimizer=adamw(2e-4),
+        seed=seed,
+        **short_answers(
+            sampling=Sampling(temperature=1.0, top_p=0.95, max_new_tokens=JUDGE_TOKENS),
+            eval_sampling=Sampling(temperature=1.0, top_p=0.95, max_new_tokens=JUDGE_TOKENS),  # as in training
+        ),
+    )
+    data = judge_data(seed, batch_size=8)
+    return run_rl("unified_reward_think", seed, module, data, steps=48, every=16, key="reward/mean")
+
+
+JUDGE_TOKENS = 128  # a templated judgement is about 115 tokens of the tiny tokenizer
+
+
 # ------------------------------------------------------------------------------------ output
 
 
@@ -482,6 +557,8 @@ def plot(method_name: str) -> Path:
         left.plot(c["steps"], c["rewards"], color=colour, alpha=0.25)
         left.plot(c["steps"], moving_average(c["rewards"], 8), color=colour, label=f"seed {seed} (mean of 8 steps)")
         right.plot(c["eval_steps"], c["accuracy"], marker="o", color=colour, label=f"seed {seed}, sampled (T=1)")
+        if "color" in c["by_kind"]:
+            right.plot(c["eval_steps"], c["by_kind"]["color"], linestyle=":", color=colour, label=f"seed {seed}, colour only")
         greedy = [run["greedy_start"], run["greedy_end"]]
         ends = [c["eval_steps"][0], c["eval_steps"][-1]]
         right.plot(ends, greedy, marker="s", linestyle="--", color=colour, alpha=0.6, label=f"seed {seed}, greedy")
@@ -505,16 +582,18 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def row(result: Result) -> str:
+    colour = result.curves.by_kind.get("color") or [float("nan")]
     return (
         f"| {result.method:<12} | {result.seed:>4} | {result.held_out:>8} | {result.start_accuracy:>9.3f} "
-        f"| {result.end_accuracy:>7.3f} | {result.greedy_start:>12.3f} | {result.greedy_end:>10.3f} "
-        f"| {result.steps:>5} | {result.wall_s:>6.0f} |"
+        f"| {result.end_accuracy:>7.3f} | {colour[0]:>11.3f} | {colour[-1]:>9.3f} | {result.greedy_start:>12.3f} "
+        f"| {result.greedy_end:>10.3f} | {result.steps:>5} | {result.wall_s:>6.0f} |"
     )
 
 
 HEADER = (
-    "| method       | seed | held-out | start acc | end acc | greedy start | greedy end | steps | wall s |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| method       | seed | held-out | start acc | end acc | colour start | colour end | greedy start | greedy end "
+    "| steps | wall s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
