@@ -240,7 +240,7 @@ class Result:
     wall_s: float
     steps: int
     curves: Curves
-    commit: str = field(default_factory=lambda: code_version())
+    commit: str = field(default_factory=lambda: CODE_VERSION)
 
 
 def code_version() -> str:
@@ -252,6 +252,9 @@ def code_version() -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "callbacks", "benchmarks/learning.py") else "")
+
+
+CODE_VERSION = code_version()  # read when the script starts, before any run
 
 
 def run_rl(
