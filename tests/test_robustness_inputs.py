@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.test_grpo import CharReward, make_data, make_module, quiet_trainer
+from tests.test_ppo import make_ppo
 from vlrl.callbacks import Preemption, SelectiveSampleReplay, SequenceLengthCurriculum
 from vlrl.cli import main
 from vlrl.data import Files, RLDataModule
@@ -68,6 +69,10 @@ BAD_FITS = {
     "curriculum": (
         lambda tmp: (make_module(), make_data(), [SequenceLengthCurriculum({0: 8, 5: 16})]),
         r"SequenceLengthCurriculum.schedule has step\(s\) \[5\] at or beyond trainer.max_steps=3",
+    ),
+    "critic_steps": (
+        lambda tmp: (make_ppo(critic_steps=3), make_data(), []),
+        r"critic_steps=3 does not divide the update batch of 8 samples",
     ),
     "missing_file": (
         lambda tmp: (make_module(), RLDataModule(train=Files(str(tmp / "gone.jsonl"))), []),

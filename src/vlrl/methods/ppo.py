@@ -215,15 +215,24 @@ class PPO(RLMethod):
         )
 
     # ---------------------------------------------------------------------------------- updates
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        """The policy's steps (``RLMethod.update``), then ``critic_steps`` critic steps on the same rollout."""
-        stats = super().update(rollout)
-        n = len(rollout)
+    def check_batch_sizes(self, rollout_size: int) -> None:
+        """Also: ``critic_steps`` must split the rollout into equal critic mini-batches (checked before
+        any weights load)."""
+        super().check_batch_sizes(rollout_size)
+        self.check_critic_steps(rollout_size)
+
+    def check_critic_steps(self, n: int) -> None:
         if n % self.critic_steps:
             raise ValueError(
                 f"critic_steps={self.critic_steps} does not divide the update batch of {n} samples "
                 f"(prompts per step x group_size={self.group_size}); pick a divisor of {n}"
             )
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """The policy's steps (``RLMethod.update``), then ``critic_steps`` critic steps on the same rollout."""
+        stats = super().update(rollout)
+        n = len(rollout)
+        self.check_critic_steps(n)  # a last, smaller batch (drop_last off) can still miss it
         optimizer, scheduler = self.optimizer_and_scheduler(1)
         step = partial(self.critic_step, optimizer=optimizer, scheduler=scheduler)
         stats.update(self.mini_batch_steps(rollout, n // self.critic_steps, 1, step, key="critic mini-batch size"))
