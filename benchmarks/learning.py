@@ -1,26 +1,33 @@
 """Do the methods learn? Held-out accuracy before and after RL on the embedded synthetic task, on CPU.
 
 Each method starts from a fixed starting point (a short supervised warm start, trained once with
-seed 0 and cached under ``outputs/benchmarks/learning/``) and trains for 48 steps on the colour and
-shape questions. Held-out accuracy is measured on 512 rows of the ``test`` split: sampled at the
-training temperature (T = 1, one answer per row) at the start and every 16 steps (the curve), and
-greedy at the start and the end. Per run it prints a table row (method, seed, held-out rows, start
-and end accuracy, greedy start and end, steps, wall time), appends the run with its curves (reward
-per step, held-out accuracy overall and per kind) to ``benchmarks/results/learning.jsonl`` and
-saves ``docs/learning_<method>.png`` with the latest run of every seed.
+seed 0 and cached under ``outputs/benchmarks/learning/``) and trains for 48 steps (RACRO: 144) on the
+colour and shape questions. Held-out accuracy is measured on 512 rows of the ``test`` split: sampled
+at the training temperature (T = 1, one answer per row) at the start and every 16 steps (the curve,
+overall and on the colour questions alone), and greedy at the start and the end. Per run it prints a
+table row (method, seed, held-out rows, start and end accuracy overall and on colour, greedy start
+and end, steps, wall time), appends the run with its curves (reward per step, held-out accuracy
+overall and per kind) and the commit it ran from to ``benchmarks/results/learning.jsonl`` and saves
+``docs/learning_<method>.png`` with the latest run of every seed.
 
 Starting points:
 
 - ``grpo``, ``vl_rethinker``: the tiny Qwen2.5-VL after 60 SFT steps on (image, question) ->
-  ``\\boxed{answer}``: colours mostly right, shapes at chance.
+  ``\\boxed{answer}``: colours mostly right when greedy, shapes at chance.
 - ``ovr``: Open Vision Reasoner's chain: a 100-step language-only cold start (scenes described in
   words -> step-by-step reasoning, vision frozen), then PPO with a critic on the images.
 - ``racro``: a tiny text-only Qwen2 reasoner taught (100 SFT steps) to answer from correct
-  descriptions, and a weak captioner (150 SFT steps on RACRO's caption prompt -> the scene in
-  words); RACRO trains the captioner, and the held-out figure is the reasoner's accuracy from its captions.
+  descriptions (it is right on all of them), and a weak captioner (150 SFT steps on RACRO's caption
+  prompt -> the scene in words: the right colour when greedy, often a broken caption when sampled,
+  shapes at chance); RACRO trains the captioner, and the held-out figure is the reasoner's accuracy
+  from its captions.
 - ``sophia``: the tiny VLM after 80 SFT steps on half answers, half descriptions; SOPHIA's policy
   describes, the reasoner above answers, and the policy learns the kept trajectories; the held-out
   figure is the policy's own accuracy.
+- ``unified_reward_think``: a judge after 150 SFT steps on templated judgements of generation pairs
+  (a caption such as "a red square" and two drawings that differ in colour or in shape): it names
+  both drawings' colours right but its verdict is at chance; GRPO rewards right verdicts (+ format),
+  and the held-out figure is its pairwise accuracy, per kind of difference.
 
 Run from the repository root (a method is a function registered with ``@method``, so adding one is
 adding a function; ``nice`` leaves the CPU to other work first)::
@@ -602,12 +609,46 @@ HEADER = (
 )
 
 
+def report() -> str:
+    """The README's table: the latest recorded run of each method and seed, start -> end per seed."""
+    lines = [
+        "| method | seeds | held-out n | steps | sampled (T=1) | colour only, sampled | greedy | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pairs(runs: list[dict], start: Callable[[dict], float], end: Callable[[dict], float]) -> str:
+        return " / ".join(f"{start(r):.3f} → {end(r):.3f}" for r in runs)
+
+    for name in METHODS:
+        runs = [run for _, run in sorted(latest(name).items())]
+        if not runs:
+            continue
+        colour = lambda r, i: r["curves"]["by_kind"].get("color", [float("nan")])[i]  # noqa: E731
+        lines.append(
+            f"| {name} | {' / '.join(str(r['seed']) for r in runs)} | {runs[0]['held_out']} | {runs[0]['steps']} "
+            f"| {pairs(runs, lambda r: r['start_accuracy'], lambda r: r['end_accuracy'])} "
+            f"| {pairs(runs, lambda r: colour(r, 0), lambda r: colour(r, -1))} "
+            f"| {pairs(runs, lambda r: r['greedy_start'], lambda r: r['greedy_end'])} "
+            f"| {', '.join(sorted({r.get('commit', '?') for r in runs}))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", default="grpo", choices=[*METHODS, "all"])
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], dest="seeds", help="RL seeds (default 0 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--report", action="store_true", help="print the table of the latest recorded runs and redraw the figures"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        print(report())
+        for name in METHODS:
+            if latest(name):
+                print(f"figure: {plot(name).relative_to(ROOT)}")
+        return
     torch.set_num_threads(args.threads)
     names = list(METHODS) if args.method == "all" else [args.method]
     print(HEADER)
