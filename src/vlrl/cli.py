@@ -10,16 +10,23 @@ checkpoint plugin is configured), a SIGTERM/SIGUSR1 writes a checkpoint at the e
 stops the run (``vlrl.callbacks.Preemption``) and checkpoints carry the global random state
 (``vlrl.callbacks.RandomState``). A callback of the same class in the config replaces the default
 one (e.g. ``Preemption`` with ``signals: []`` turns preemption handling off).
+
+A run stopped by SIGTERM exits with status 143 (128 + 15, what a shell reports for a process the
+signal killed), not 0, so a launcher that restarts failed runs (``torchrun --max-restarts``, a
+Kubernetes Job, a retry loop) does not take a preempted run for a finished one.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vlrl.callbacks import Preemption, RandomState
 from vlrl.checkpointing import AtomicCheckpointIO
@@ -46,15 +53,18 @@ def main(args: list[str] | None = None) -> None:
     # In RL the state after the step's updates is exactly what a checkpoint should hold; Lightning's
     # warning about manual optimization and every_n_train_steps says otherwise, so it is silenced.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    VLRLCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # optimizers are constructor arguments of the methods
-        args=args,
-    )
+    try:
+        VLRLCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # optimizers are constructor arguments of the methods
+            args=args,
+        )
+    except SIGTERMException:  # Lightning stops on SIGTERM with a SystemExit whose status is 0
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
