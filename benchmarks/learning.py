@@ -258,7 +258,9 @@ def code_version() -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "src", "callbacks", "benchmarks/learning.py") else "")
+    return commit + (
+        "+dirty" if git("status", "--porcelain", "--", "src", "callbacks", "benchmarks/learning.py") else ""
+    )
 
 
 CODE_VERSION = code_version()  # read when the script starts, before any run
@@ -570,7 +572,9 @@ def plot(method_name: str) -> Path:
         left.plot(c["steps"], moving_average(c["rewards"], 8), color=colour, label=f"seed {seed} (mean of 8 steps)")
         right.plot(c["eval_steps"], c["accuracy"], marker="o", color=colour, label=f"seed {seed}, sampled (T=1)")
         if "color" in c["by_kind"]:
-            right.plot(c["eval_steps"], c["by_kind"]["color"], linestyle=":", color=colour, label=f"seed {seed}, colour only")
+            right.plot(
+                c["eval_steps"], c["by_kind"]["color"], linestyle=":", color=colour, label=f"seed {seed}, colour only"
+            )
         greedy = [run["greedy_start"], run["greedy_end"]]
         ends = [c["eval_steps"][0], c["eval_steps"][-1]]
         right.plot(ends, greedy, marker="s", linestyle="--", color=colour, alpha=0.6, label=f"seed {seed}, greedy")
@@ -619,11 +623,13 @@ def report() -> str:
     def pairs(runs: list[dict], start: Callable[[dict], float], end: Callable[[dict], float]) -> str:
         return " / ".join(f"{start(r):.3f} → {end(r):.3f}" for r in runs)
 
+    def colour(run: dict, i: int) -> float:
+        return run["curves"]["by_kind"].get("color", [float("nan")])[i]
+
     for name in METHODS:
         runs = [run for _, run in sorted(latest(name).items())]
         if not runs:
             continue
-        colour = lambda r, i: r["curves"]["by_kind"].get("color", [float("nan")])[i]  # noqa: E731
         lines.append(
             f"| {name} | {' / '.join(str(r['seed']) for r in runs)} | {runs[0]['held_out']} | {runs[0]['steps']} "
             f"| {pairs(runs, lambda r: r['start_accuracy'], lambda r: r['end_accuracy'])} "

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlrl.cli import main
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 TRAINER_OVERLAYS = [c for c in CONFIGS if "/trainer/" in c]
-FULL_CONFIGS = [c for c in CONFIGS if c not in TRAINER_OVERLAYS]
+ROLLOUT_OVERLAYS = [c for c in CONFIGS if "/rollout/" in c]
+FULL_CONFIGS = [c for c in CONFIGS if c not in TRAINER_OVERLAYS + ROLLOUT_OVERLAYS]
 
 
 def test_there_are_configs():
@@ -38,6 +40,26 @@ def test_trainer_overlay_parses_over_a_demo_config(overlay, capsys):
         main(["fit", "--config", demo, "--config", overlay, "--print_config"])
     assert exit_info.value.code == 0
     assert "strategy:" in capsys.readouterr().out
+    first = Path(overlay).read_text().splitlines()
+    assert any("lightning-cli" in line for line in first[:4]), "an overlay opens with the command that runs it"
+
+
+@pytest.mark.parametrize("overlay", ROLLOUT_OVERLAYS, ids=lambda c: c.split("configs/")[-1])
+@pytest.mark.parametrize("method", ["grpo.yaml", "racro.yaml", "vl_rethinker.yaml", "unified_reward_think/grpo.yaml"])
+def test_rollout_overlay_parses_over_each_grpo_family_config(overlay, method, capsys):
+    config = next(c for c in FULL_CONFIGS if c.endswith(f"configs/{method}"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--config", overlay, "--print_config"])
+    assert exit_info.value.code == 0
+    merged = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert merged["rollout_engine"]["class_path"] == "vlrl.rollout.VLLMEngine"
+    assert merged["importance_correction"] == "tis"
+    # plain temperature sampling (what vLLM's log-probs allow); the method's temperature and length are kept
+    original = yaml.safe_load(Path(config).read_text())["model"]["init_args"]["sampling"]
+    assert [merged["sampling"][k] for k in ("temperature", "max_new_tokens")] == [
+        original[k] for k in ("temperature", "max_new_tokens")
+    ]
+    assert (merged["sampling"]["top_p"], merged["sampling"]["top_k"]) == (1.0, 0)
     first = Path(overlay).read_text().splitlines()
     assert any("lightning-cli" in line for line in first[:4]), "an overlay opens with the command that runs it"
 
