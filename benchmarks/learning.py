@@ -391,12 +391,13 @@ def adamw(lr: float) -> Callable:
     return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def short_answers(**kwargs) -> dict[str, Any]:
-    """Sampling of short boxed answers: G = 8 at temperature 1, greedy held-out evaluation."""
+def short_answers(max_new_tokens: int = 10, **kwargs) -> dict[str, Any]:
+    """G = 8 samples at temperature 1 of up to ``max_new_tokens`` tokens, in training and held-out evaluation
+    (``kwargs`` override any of it)."""
     return (
         dict(
-            sampling=Sampling(temperature=1.0, max_new_tokens=10),
-            eval_sampling=replace(EVAL),
+            sampling=Sampling(temperature=1.0, max_new_tokens=max_new_tokens),
+            eval_sampling=replace(EVAL, max_new_tokens=max_new_tokens),
             group_size=8,
             micro_batch_size=32,
         )
@@ -463,10 +464,7 @@ def ovr(seed: int) -> Result:
         optimizer=adamw(1e-4),  # at 2e-4 one seed's entropy ran away (0.5 -> 6.9 nats) and every answer was truncated
         critic_optimizer=adamw(1e-3),
         seed=seed,
-        **short_answers(
-            sampling=Sampling(temperature=1.0, max_new_tokens=56),
-            eval_sampling=replace(EVAL, max_new_tokens=56),
-        ),
+        **short_answers(max_new_tokens=56),
     )
     return run_rl("ovr", seed, module, rl_data(seed, batch_size=4), steps=48, every=16, key="reward/mean")
 
@@ -481,10 +479,7 @@ def racro(seed: int) -> Result:
         kl_coef=0.001,
         optimizer=adamw(2e-4),
         seed=seed,
-        **short_answers(
-            sampling=Sampling(temperature=1.0, max_new_tokens=32),
-            eval_sampling=replace(EVAL, max_new_tokens=32),
-        ),
+        **short_answers(max_new_tokens=32),
     )
     # 144 steps, not 48: only the colour word of a caption can earn reward (the captioner does not see shapes), and
     # half the prompts ask for the shape, so the colour signal per step is about half of GRPO's
