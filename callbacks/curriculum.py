@@ -7,7 +7,10 @@ and logs it as ``curriculum/max_new_tokens``. Steps are ``global_step``: policy 
 which is one per rollout with the default ``mini_batch_size`` and ``epochs``.
 
 The length in force is part of the checkpoint (the callback's ``state_dict``): a resumed run starts
-with it before its first step, then follows the configured schedule from the restored step.
+with it before its first step, then follows the configured schedule from the restored step. Schedule
+steps at or beyond ``trainer.max_steps`` are allowed (with a warning naming them), so a long
+schedule can run in stages (OVR: ``max_steps: 300``, then resume with ``max_steps: 900``) and a
+shortened trial run (``--trainer.max_steps 2``) keeps the config's schedule.
 
 In YAML::
 
@@ -83,11 +86,12 @@ class SequenceLengthCurriculum(pl.Callback):
                 f"got {type(pl_module).__name__}; remove the callback from this run"
             )
         late = [s for s in self.steps if 0 <= trainer.max_steps <= s]
-        if stage == "fit" and late:
-            raise ValueError(
-                f"SequenceLengthCurriculum.schedule has step(s) {late} at or beyond trainer.max_steps="
-                f"{trainer.max_steps}, so those lengths would never be used: raise trainer.max_steps above "
-                f"{max(late)} or remove the entries"
+        if stage == "fit" and late:  # a staged run (resumed with a higher max_steps) or a short trial run
+            log.warning(
+                "SequenceLengthCurriculum: schedule step(s) %s are at or beyond trainer.max_steps=%d and will not "
+                "be reached in this run; the schedule is kept, so a run resumed with a higher max_steps uses them",
+                late,
+                trainer.max_steps,
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,7 +4,9 @@ In a GRPO group where every sample gets the same reward, every advantage is 0 an
 nothing to the gradient ("vanishing advantages"). After advantages are computed
 (``on_advantages_computed``), this callback
 
-1. drops the samples with ``|A| <= min_abs_advantage`` from the update batch;
+1. drops the samples with zero advantage (``vlrl.algorithms.zero_advantage``: exactly 0, which
+   ``group_advantages`` gives every sample of an equal-reward group), and with ``min_abs_advantage``
+   above 0 also those with ``|A| <= min_abs_advantage``, from the update batch;
 2. fills the batch back up to ``batch_size`` samples with samples of earlier steps, drawn from a
    replay buffer with replacement, with probability proportional to ``|A| ** alpha``;
 3. pushes the step's own kept samples into the buffer (FIFO, ``capacity`` samples), with their
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
+from vlrl.algorithms import zero_advantage
 from vlrl.callbacks.base import RLCallback
 from vlrl.types import EncodedPrompt, PromptBatch, Rollout
 
@@ -68,7 +71,8 @@ class SelectiveSampleReplay(RLCallback):
             rollout size of the first step.
         alpha: Exponent of the replay priority ``|A| ** alpha`` (0 = uniform).
         min_abs_advantage: Samples with ``|A|`` above this stay in the update batch and enter the
-            buffer; the others are dropped.
+            buffer; the others are dropped. The default 0 drops exactly the zero-advantage samples
+            (``vlrl.algorithms.zero_advantage``), as the ``advantage/zero_group_frac`` metric counts them.
         batch_size: Samples in the update batch, at most the rollout size (prompts per step x
             group_size) and a multiple of the method's ``mini_batch_size``. Default: the rollout size.
         seed: Seed of the replay draws (combined with the rank).
@@ -131,7 +135,9 @@ class SelectiveSampleReplay(RLCallback):
         if self.capacity is None:
             self.capacity = 4 * n
         generator = self._ensure_generator(rank)
-        keep = advantages.abs() > self.min_abs_advantage  # [N]
+        keep = ~zero_advantage(advantages)  # [N]
+        if self.min_abs_advantage > 0:
+            keep &= advantages.abs() > self.min_abs_advantage  # [N]
         kept_idx = keep.nonzero().flatten()
         if len(kept_idx) > target:  # only when batch_size < rollout size
             kept_idx = kept_idx[torch.randperm(len(kept_idx), generator=generator)[:target].sort().values]

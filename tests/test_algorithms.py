@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.test_grpo import make_data, make_module
 from vlrl.algorithms import (
     aggregate_loss,
     entropy_from_logits,
@@ -24,6 +26,7 @@ from vlrl.algorithms import (
     token_logprobs,
     value_clip_fraction,
     value_loss,
+    zero_advantage,
 )
 
 
@@ -80,6 +83,34 @@ def test_group_advantages_non_contiguous_labels() -> None:
     )
     # loo: 1 − 3 = −2, 3 − 1 = 2; 2 − (4+6)/2 = −3, 4 − (2+6)/2 = 0, 6 − (2+4)/2 = 3.
     close(group_advantages(rewards, group_index=labels, mode="loo"), [-2, -3, 2, 0, 3])
+
+
+@pytest.mark.parametrize("mode", ["std", "mean", "loo"])
+@pytest.mark.parametrize(("value", "size"), [(-0.1, 8), (0.7, 16), (1.1, 16), (0.3, 5), (1e6 + 0.1, 3)])
+def test_equal_rewards_give_exactly_zero(mode, value, size) -> None:
+    # float32 sums leave noise otherwise: −0.1 x8 gave +0.0074 (std), 0.7 or 1.1 x16 gave ±0.106 (std)
+    # and ~1e-7 (mean, loo). A constant group next to a mixed one: the constant one is exactly 0, and
+    # the mixed group {0, 1} keeps its hand-worked values (std: ±0.5·√2 = ±0.7071068 with eps = 0).
+    rewards = torch.tensor([value] * size + [0.0, 1.0])
+    labels = torch.tensor([0] * size + [1, 1])
+    a = group_advantages(rewards, group_index=labels, mode=mode, eps=0.0)
+    assert a[:size].tolist() == [0.0] * size  # exact, not close
+    mixed = {"std": [-0.70710678, 0.70710678], "mean": [-0.5, 0.5], "loo": [-1.0, 1.0]}[mode]
+    close(a[size:], mixed)
+
+
+def test_zero_advantage_is_exact_for_sequence_and_token_advantages() -> None:
+    # [N]: only exact zeros count (1e-9 is a real, if small, advantage).
+    assert zero_advantage(torch.tensor([0.0, -0.0, 1e-9, -0.5])).tolist() == [True, True, False, False]
+    # [N, T]: a sample is zero when every token is (padding is 0 in gae / normalize_advantages).
+    tokens = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.2, 0.0], [-1.0, 0.0, 0.0]])
+    assert zero_advantage(tokens).tolist() == [True, False, False]
+    # a whole constant group from group_advantages is zero by this definition, in every mode
+    rewards = torch.tensor([0.7] * 16 + [0.0, 1.0, 1.0, 1.0])
+    for mode in ("std", "mean", "loo"):
+        assert zero_advantage(group_advantages(rewards, group_size=4, mode=mode)).tolist() == [True] * 16 + [False] * 4
+    with pytest.raises(ValueError, match=r"advantages must be \[N\].*got shape \(2, 2, 2\)"):
+        zero_advantage(torch.zeros(2, 2, 2))
 
 
 def test_group_advantages_rejects_ambiguous_grouping() -> None:
@@ -287,6 +318,35 @@ def test_seq_mean_is_exact_across_micro_batches() -> None:
     close(aggregate_loss(full, mask, "seq-mean-token-mean"), 5.0)
     shares = [aggregate_loss(full[i : i + 2], mask[i : i + 2], "seq-mean-token-mean", num_sequences=4) for i in (0, 2)]
     close(sum(shares), 5.0)  # 6.5/4 + 13.5/4
+
+
+def test_the_step_counts_only_sequences_with_trained_tokens() -> None:
+    # A mini-batch of 4 sampled responses, the last with no trained token (its loss mask is all 0),
+    # in micro-batches of 2: the seq-mean loss of the step must be the mean over the 3 non-empty
+    # sequences, so its gradient equals that of the whole mini-batch's loss with num_sequences = 3
+    # (counting all 4 scales it by 3/4).
+    module = make_module(loss_aggregation="seq-mean-token-mean", micro_batch_size=2, group_size=2)
+    module.configure_model()
+    data = make_data(batch_size=2)
+    data.setup("fit")
+    rollout = module.score(module.generate(next(iter(data.train_dataloader())), module.sampling, 2))
+    rollout.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rollout.loss_mask = rollout.response_mask.clone()  # [4, T]
+    rollout.loss_mask[3] = 0.0
+    assert (rollout.loss_mask[:3].sum(dim=1) > 0).all()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    params = [p for p in module.model.parameters() if p.requires_grad]
+
+    module.accumulate_gradients(rollout, module.policy_micro_loss)
+    accumulated = [p.grad.clone() for p in params]
+    module.model.zero_grad()
+    logprobs, entropy = module.policy_logprobs(module.model, rollout, with_entropy=True)
+    loss, _ = module.loss(rollout, logprobs, entropy, rollout.train_mask.sum(), 3)
+    loss.backward()
+    for got, want in zip(accumulated, [p.grad for p in params], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- #

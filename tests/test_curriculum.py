@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -102,3 +103,19 @@ def test_length_changes_at_the_configured_steps_and_after_resume(tmp_path):
     assert resumed.at_start == 3  # the checkpoint's length (set at step 1), not the module's 100
     assert resumed.limits == full.limits[2:]
     assert resumed_trainer.global_step == 4
+
+
+def test_steps_beyond_max_steps_warn_and_apply_after_a_staged_resume(tmp_path, caplog):
+    # Stage 1 stops at step 2, before the schedule's steps 2 and 3: a warning names them, the run goes on.
+    with caplog.at_level(logging.WARNING, logger="vlrl.callbacks.curriculum"):
+        first_trainer, first = fit(tmp_path, max_steps=2)
+    assert first.limits == [3, 3] and first_trainer.global_step == 2
+    warned = [r.getMessage() for r in caplog.records if "SequenceLengthCurriculum" in r.getMessage()]
+    assert len(warned) == 1 and "[2, 3]" in warned[0] and "max_steps=2" in warned[0]
+
+    # Stage 2 resumes to step 4 with the same schedule: the kept entries for steps 2 and 3 take effect.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlrl.callbacks.curriculum"):
+        second_trainer, second = fit(tmp_path / "stage2", max_steps=4, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert second.limits == [5, 7] and second_trainer.global_step == 4
+    assert not [r for r in caplog.records if "will not be reached" in r.getMessage()]

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.test_grpo import make_data, make_module
+from vlrl.algorithms import group_advantages
 from vlrl.callbacks import RLCallback, SelectiveSampleReplay
 from vlrl.models import resolve_model_path
 from vlrl.types import EncodedPrompt, PromptBatch, Rollout
@@ -128,6 +129,32 @@ def test_min_abs_advantage_is_the_threshold():
     out, stats = ssr.reshape(toy_rollout("s0", [0.5, 0.6, -0.7, 0.1, 0, 0, 0, 0]), PAD)
     assert out.texts[:2] == ["s0-1", "s0-2"] and [e["text"] for e in ssr.entries] == ["s0-1", "s0-2"]
     assert stats["replay/zero_adv_frac"] == 0.75
+
+
+@pytest.mark.parametrize(("value", "size", "mode"), [(-0.1, 8, "std"), (0.7, 16, "std"), (1.1, 16, "mean")])
+def test_a_group_of_equal_rewards_is_dropped(value, size, mode):
+    # Group 0: every reward equal (−0.1 is VL-Rethinker's invalid-response penalty); group 1: mixed.
+    # float32 rounding once gave group 0 advantages of +0.0074 (−0.1 x8) or ±0.106 (0.7 x16), so the
+    # replay kept the whole uninformative group and reported zero_adv_frac 0.
+    rollout = toy_rollout("s0", [0.0] * 2 * size, group_size=size)
+    rollout.rewards = torch.tensor([value] * size + [1.0, 0.0] * (size // 2))  # [2 * size]
+    rollout.advantages = group_advantages(rollout.rewards, rollout.group_index, mode=mode)  # [2 * size]
+    ssr = SelectiveSampleReplay(seed=0)
+    out, stats = ssr.reshape(rollout, PAD, step=0)
+    assert stats["replay/zero_adv_frac"] == 0.5 and stats["replay/zero_adv_group_frac"] == 0.5
+    group_1 = [f"s0-{i}" for i in range(size, 2 * size)]
+    assert out.texts[:size] == group_1 and [e["text"] for e in ssr.entries] == group_1  # kept and buffered
+    assert stats["replay/zero_adv_filled"] == size  # the empty buffer's batch is filled with group 0
+
+
+def test_the_replay_and_the_metric_share_one_zero_rule():
+    # Groups: all 0 | one tiny but real advantage (1e-9) | mixed. Zero groups: only the first, 1 of 3
+    # (the metric once counted |A| < 1e-8 as zero, 2 of 3, where the replay kept the 1e-9 sample).
+    rollout = toy_rollout("s0", [0, 0, 0, 0, 1e-9, 0, 0, 0, 1, -1, 0, 0])
+    _, stats = SelectiveSampleReplay(seed=0).reshape(rollout, PAD, step=0)
+    assert stats["replay/zero_adv_group_frac"] == pytest.approx(1 / 3)
+    assert stats["replay/zero_adv_frac"] == pytest.approx(9 / 12)
+    assert make_module().rollout_metrics(rollout)["advantage/zero_group_frac"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch
 
 from tests.test_grpo import CharReward, make_data, make_module, quiet_trainer
 from tests.test_ppo import make_ppo
-from vlrl.callbacks import Preemption, SelectiveSampleReplay, SequenceLengthCurriculum
+from vlrl.callbacks import Preemption, SelectiveSampleReplay
 from vlrl.cli import main
 from vlrl.data import Files, RLDataModule
 from vlrl.methods.base import NonFiniteGradientsError
@@ -65,10 +65,6 @@ BAD_FITS = {
     "replay_batch": (
         lambda tmp: (make_module(mini_batch_size=4), make_data(), [SelectiveSampleReplay(batch_size=6)]),
         r"mini_batch_size=4 does not divide the update batch of 6 samples \(SelectiveSampleReplay.batch_size\)",
-    ),
-    "curriculum": (
-        lambda tmp: (make_module(), make_data(), [SequenceLengthCurriculum({0: 8, 5: 16})]),
-        r"SequenceLengthCurriculum.schedule has step\(s\) \[5\] at or beyond trainer.max_steps=3",
     ),
     "critic_steps": (
         lambda tmp: (make_ppo(critic_steps=3), make_data(), []),

@@ -4,7 +4,7 @@ Pure functions on tensors, no configuration objects; every method composes them 
 ``training_step``. The numbers they produce are pinned down by hand-worked tests.
 """
 
-from vlrl.algorithms.advantages import gae, group_advantages, kl_in_reward, normalize_advantages
+from vlrl.algorithms.advantages import gae, group_advantages, kl_in_reward, normalize_advantages, zero_advantage
 from vlrl.algorithms.logprobs import token_logprobs
 from vlrl.algorithms.losses import (
     AggregationMode,
@@ -36,4 +36,5 @@ __all__ = [
     "truncated_importance_weights",
     "value_clip_fraction",
     "value_loss",
+    "zero_advantage",
 ]

@@ -30,7 +30,10 @@ def group_advantages(
     - ``"mean"`` (Dr. GRPO, VL-Rethinker): ``r − μ_g``.
     - ``"loo"`` (RLOO): ``r`` minus the mean of the *other* members, ``= n/(n−1)·(r − μ_g)``.
 
-    A group of one sample gets advantage 0 in every mode.
+    A group whose rewards are all equal (``max == min``, compared exactly), a group of one sample
+    included, gets advantages exactly 0 in every mode: the float arithmetic of ``r − μ_g`` would
+    otherwise leave rounding noise (e.g. sixteen rewards of 0.7 give ``±0.106`` in mode ``"std"``,
+    where ``σ_g`` is noise too), and a whole uninformative group would be pushed one way.
 
     Args:
         rewards: ``[N]`` one scalar reward per sample.
@@ -63,6 +66,9 @@ def group_advantages(
     sums = torch.zeros_like(counts).index_add_(0, inverse, rewards)  # [G]
     centred = rewards - (sums / counts)[inverse]  # [N]
     size = counts[inverse]  # [N]
+    highest = torch.full_like(counts, -torch.inf).scatter_reduce_(0, inverse, rewards, "amax")  # [G]
+    lowest = torch.full_like(counts, torch.inf).scatter_reduce_(0, inverse, rewards, "amin")  # [G]
+    constant = (highest == lowest)[inverse]  # [N] the group's rewards are all equal (or it has one sample)
     if mode == "mean":
         advantages = centred
     elif mode == "loo":
@@ -73,7 +79,28 @@ def group_advantages(
         advantages = centred / (std[inverse] + eps)
     else:
         raise ValueError(f"mode must be one of 'std', 'mean', 'loo', got {mode!r}.")
-    return torch.where(size > 1, advantages, torch.zeros_like(advantages))
+    return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+def zero_advantage(advantages: Tensor) -> Tensor:
+    """Which samples carry no advantage: the one definition the replay, the metrics and filters share.
+
+    A sample's advantage is zero when it is exactly 0 (``group_advantages`` gives exact zeros to
+    groups whose rewards are equal); for token advantages, when every token's is 0 (padding is 0
+    in the outputs of ``gae`` and ``normalize_advantages``, so only the response tokens decide).
+
+    Args:
+        advantages: ``[N]`` sequence advantages or ``[N, T]`` token advantages.
+
+    Returns:
+        ``[N]`` bool, True where the sample adds no policy gradient.
+    """
+    if advantages.dim() not in (1, 2):
+        raise ValueError(
+            f"advantages must be [N] (one per sample) or [N, T] (per token), got shape {tuple(advantages.shape)}"
+        )
+    zero = advantages == 0  # [N] or [N, T]
+    return zero if zero.dim() == 1 else zero.all(dim=-1)
 
 
 def gae(

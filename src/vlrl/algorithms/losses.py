@@ -213,6 +213,10 @@ def aggregate_loss(
     - ``"seq-mean-token-sum-norm"`` (Dr. GRPO): ``Σ_i (Σ_t L·m / max_len) / num_sequences`` — a
       fixed length instead of each sequence's token count, so no length bias.
 
+    In the ``seq-mean`` modes ``i`` runs over the non-empty sequences (at least one token with
+    ``m = 1``) and ``num_sequences`` counts those: a sequence with no trained token adds 0 to the sum
+    and does not dilute the mean.
+
     **Gradient accumulation and data parallelism.** To obtain exactly the loss (and gradient) of the
     whole update batch when it is split into micro-batches and devices, the caller:
 
@@ -250,10 +254,10 @@ def aggregate_loss(
         count = mask.sum() if num_tokens is None else num_tokens
         return masked.sum() / _positive(count, masked)
 
-    token_counts = mask.sum(-1)  # [N]
+    token_counts = mask.sum(-1)  # [N] trained tokens per sequence; 0 for an empty one
     seq_sums = masked.sum(-1)  # [N]
     if mode == "seq-mean-token-mean":
-        seq_losses = seq_sums / token_counts.clamp_min(1.0)  # [N]
+        seq_losses = seq_sums / token_counts.clamp_min(1.0)  # [N] an empty sequence gives 0
     elif mode == "seq-mean-token-sum":
         seq_losses = seq_sums  # [N]
     elif mode == "seq-mean-token-sum-norm":
@@ -268,7 +272,7 @@ def aggregate_loss(
             f"mode must be one of 'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', "
             f"'seq-mean-token-sum-norm', got {mode!r}."
         )
-    count = (token_counts > 0).sum() if num_sequences is None else num_sequences
+    count = (token_counts > 0).sum() if num_sequences is None else num_sequences  # non-empty sequences
     return seq_losses.sum() / _positive(count, seq_losses)
 
 

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from vlrl.algorithms import entropy_from_logits, token_logprobs
+from vlrl.algorithms import entropy_from_logits, token_logprobs, zero_advantage
 from vlrl.callbacks.base import RLCallback
 from vlrl.data import RLDataModule
 from vlrl.metrics import AccuracyBySource
@@ -414,13 +414,16 @@ class RLMethod(pl.LightningModule):
     def accumulate_gradients(self, mini: Rollout, micro_loss: MicroLoss) -> dict[str, float]:
         """Back-propagate ``micro_loss`` over the micro-batches of ``mini``; its metrics, token-weighted.
 
-        ``micro_loss`` gets the valid-token and sequence counts of the whole mini-batch on all devices,
-        so that the micro-batch losses add up to the mini-batch loss (see ``aggregate_loss``).
+        ``micro_loss`` gets the counts of trained tokens and of sequences with at least one trained token
+        over the whole mini-batch on all devices, so that the micro-batch losses add up to the mini-batch
+        loss (see ``aggregate_loss``).
         """
         world = self.trainer.world_size
         # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
         num_tokens = self.all_reduce_sum(mini.train_mask.sum().to(self.device))
-        num_sequences = int(self.all_reduce_sum(torch.tensor(float(len(mini)), device=self.device)).item())
+        # the seq-mean aggregations average over sequences with at least one trained token
+        non_empty = (mini.train_mask.sum(dim=1) > 0).sum()  # sequences of this rank's mini-batch
+        num_sequences = int(self.all_reduce_sum(non_empty.to(self.device)).item())
         stats: dict[str, float] = defaultdict(float)
         for micro in self.micro_batches(mini):
             loss, parts = micro_loss(micro, num_tokens, num_sequences)
@@ -522,9 +525,9 @@ class RLMethod(pl.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, RLDataModule):
             out.update({f"data/skipped/{k}": float(v) for k, v in datamodule.skipped_rows.items()})
-        if rollout.advantages is not None and rollout.advantages.dim() == 1:
-            groups = rollout.group_index
-            zero = [bool((rollout.advantages[groups == g].abs() < 1e-8).all()) for g in groups.unique()]
+        if rollout.advantages is not None:
+            groups, zero_samples = rollout.group_index, zero_advantage(rollout.advantages)  # [N], [N]
+            zero = [bool(zero_samples[groups == g].all()) for g in groups.unique()]
             out["advantage/zero_group_frac"] = sum(zero) / max(len(zero), 1)
         return out
 
