@@ -3,7 +3,8 @@
 Lightning re-launches the script for the second rank, so the runs happen in a subprocess. The script runs
 three fits through the CLI: 2 steps (writing a sharded checkpoint), a resume from it to step 3, and an
 uninterrupted 3-step run; a callback dumps each rank's local shards at the start and end of every fit. Then
-one step each of GRPO with a KL reference and of PPO, whose reference and critic are sharded too.
+one step each of GRPO with a KL reference and of PPO, whose reference and critic are sharded too, and one step
+under the shipped precision (bf16-mixed over float32 shards).
 """
 
 from __future__ import annotations
@@ -21,6 +22,37 @@ import torch
 from vlrl.models import BlockWrapPolicy, Policy, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class RecordPrecision(pl.Callback):
+    """Records what FSDP2 holds and computes in: the dtypes of the local shards and their gradients (before
+    the optimizer step), and the dtype of the weights and activations a decoder layer's projection runs with."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.record: dict[str, set[str]] = {"shards": set(), "grads": set(), "compute_weight": set(), "compute_in": set()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        layer = next(m for n, m in pl_module.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+
+        def seen(module, args):
+            self.record["compute_weight"].add(str(module.weight.dtype))
+            self.record["compute_in"].add(str(args[0].dtype))
+
+        layer.register_forward_pre_hook(seen)
+        self.before = {n: p.to_local().detach().clone() for n, p in pl_module.model.named_parameters()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for p in pl_module.model.parameters():
+            self.record["shards"].add(str(p.to_local().dtype))
+            if p.grad is not None:
+                self.record["grads"].add(str(p.grad.to_local().dtype))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        after = dict(pl_module.model.named_parameters())
+        moved = sum(not torch.equal(after[n].to_local(), b) for n, b in self.before.items())
+        state = {k: sorted(v) for k, v in self.record.items()} | {"moved": moved, "total": len(self.before)}
+        torch.save(state, f"{self.path}-rank{trainer.global_rank}.pt")
 
 
 class DumpShards(pl.Callback):
@@ -87,6 +119,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.tensor import DTensor
 
+from tests.test_fsdp import RecordPrecision
 from tests.test_grpo import CharReward, make_data, make_module
 from vlrl.methods import PPO
 from vlrl.models import FSDP2Strategy, Policy
@@ -108,6 +141,15 @@ for name, module, frozen in (("kl", grpo, lambda m: m._ref_model[0]), ("ppo", pp
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     torch.save(state, out / f"{name}-rank{trainer.global_rank}.pt")
+
+# The shipped precision: float32 master shards, bf16 compute (bf16-mixed, policy.dtype float32).
+module = make_module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6))
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy=FSDP2Strategy(), precision="bf16-mixed", max_steps=1, logger=False,
+    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+    num_sanity_val_steps=0, callbacks=[RecordPrecision(str(out / "precision"))],
+)
+trainer.fit(module, datamodule=make_data(batch_size=2, size=4))
 """
 
 
@@ -167,6 +209,14 @@ def test_fsdp2_fit_checkpoint_and_resume_on_two_cpu_ranks(tmp_path):
         assert ppo["sharded"], "critic"
     assert kl["metrics"]["update/kl_ref"] >= 0 and kl["metrics"]["rollout/engine_mismatch_mean_abs_log_ratio"] < 1e-4
     assert ppo["metrics"]["critic/loss"] > 0 and ppo["metrics"]["critic/grad_norm"] > 0
+
+    # bf16-mixed under FSDP2: float32 shards and gradients (master weights, optimizer state), bf16 compute,
+    # and a 1e-6 step moves the float32 shards.
+    for rank in range(2):
+        precision = torch.load(tmp_path / f"precision-rank{rank}.pt", weights_only=True)
+        assert precision["shards"] == ["torch.float32"] and precision["grads"] == ["torch.float32"], precision
+        assert precision["compute_weight"] == ["torch.bfloat16"] and precision["compute_in"] == ["torch.bfloat16"]
+        assert precision["moved"] > 0.9 * precision["total"], precision
 
 
 def test_block_wrap_policy_finds_decoder_layers_and_vision_blocks():

@@ -38,7 +38,8 @@ from vlrl.algorithms import (
     truncated_importance_weights,
 )
 from vlrl.methods.base import RLMethod
-from vlrl.models.loading import DTYPES, Policy
+from vlrl.models.loading import Policy
+from vlrl.models.precision import frozen_dtype_name
 from vlrl.models.sharding import shard_model
 from vlrl.types import Rollout
 
@@ -113,10 +114,12 @@ class GRPO(RLMethod):
     def configure_model(self) -> None:
         super().configure_model()
         if self.kl_coef > 0 and self.policy.lora is None and not self._ref_model:
-            reference = self.reference or Policy(self.policy.model_path, dtype=self.policy.dtype)
+            # frozen: held in the compute dtype (bf16 under bf16-mixed), not in the policy's float32 masters
+            dtype = frozen_dtype_name(self.policy.dtype, self.trainer.precision)
+            reference = self.reference or Policy(self.policy.model_path, dtype=dtype)
             ref, _ = reference.load()
             if self.device_mesh is not None:  # FSDP2: sharded like the policy (see the module docstring)
-                shard_model(ref, self.device_mesh, DTYPES[reference.dtype], frozen=True)
+                shard_model(ref, self.device_mesh, self.compute_dtype, frozen=True)
             self._ref_model.append(ref.eval().requires_grad_(False))
 
     def on_fit_start(self) -> None:

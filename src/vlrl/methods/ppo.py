@@ -45,7 +45,8 @@ from vlrl.algorithms import (
 )
 from vlrl.algorithms import normalize_advantages as whiten
 from vlrl.methods.base import RLMethod
-from vlrl.models.loading import DTYPES, Policy, tokenizer_of
+from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.precision import check_master_weights
 from vlrl.models.sharding import shard_model
 from vlrl.models.value import ValueModel, load_value_model
 from vlrl.types import Rollout
@@ -123,13 +124,17 @@ class PPO(RLMethod):
         self.critic_model, processor = load_value_model(self.critic)
         self.critic_model.train()
         if self.device_mesh is not None:  # ModelParallelStrategy: the critic is sharded like the policy
-            shard_model(self.critic_model, self.device_mesh, DTYPES[self.critic.dtype])
+            shard_model(self.critic_model, self.device_mesh, self.compute_dtype)
         if len(tokenizer_of(processor)) != len(self.tokenizer):
             raise ValueError(
                 f"critic.model_path={self.critic.model_path!r} has a vocabulary of {len(tokenizer_of(processor))} "
                 f"tokens, the policy {len(self.tokenizer)}: the critic reads the policy's tokens, so give it a "
                 "checkpoint of the same model family (by default it is the policy's own)"
             )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        check_master_weights(self.critic_model, "critic", self.trainer.precision)
 
     def configure_optimizers(self) -> list[dict[str, Any]]:
         """The policy's optimizer first (its steps are ``global_step``), then the critic's."""

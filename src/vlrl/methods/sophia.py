@@ -55,6 +55,7 @@ from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.rewards import CaptionReward, HFReasoner, is_correct
 from vlrl.rewards.reasoners import ReasonerOutput
 from vlrl.rollout import Sampling
+from vlrl.seeding import stream_seed
 from vlrl.types import PromptBatch
 
 DESCRIPTION_PROMPT = (
@@ -265,6 +266,7 @@ class SOPHIA(SFT):
 
     # ---------------------------------------------------------------------- the frozen reasoner
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.setup_reasoner()
 
     def setup_reasoner(self) -> None:
@@ -279,8 +281,15 @@ class SOPHIA(SFT):
                 )
 
     def sample_seed(self, index: int) -> int:
-        """Seed of one step's sampling: the run seed, the step (or predict batch) and the rank."""
-        return self.seed * 1_000_003 + index * 1009 + self.global_rank
+        """Seed of one step's sampling: the run seed, the step (or predict batch) and the rank; the reasoner
+        samples with the seed of its own stream, ``reasoner_seed(seed)``."""
+        purpose = "descriptions" if self.training else "descriptions/predict"
+        return stream_seed(self.seed, purpose, index, self.global_rank)
+
+    @staticmethod
+    def reasoner_seed(seed: int) -> int:
+        """The reasoner's seed for the step whose descriptions are sampled with ``seed``."""
+        return stream_seed(seed, "reasoner")
 
     # ---------------------------------------------------------------------------- the step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -310,7 +319,7 @@ class SOPHIA(SFT):
             questions=[batch.questions[i] for i in repeat],
             answers=[batch.answers[i] for i in repeat],
             choices=[batch.choices[i] for i in repeat],
-            seed=seed + 1,
+            seed=self.reasoner_seed(seed),
         )
         n = scores.correct.shape[1]
         outputs = [scores.outputs[i * k : (i + 1) * k] for i in range(b)]  # B x K x N

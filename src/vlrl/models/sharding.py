@@ -11,7 +11,12 @@ DTensors): use QLoRA on one GPU, or FSDP without quantization.
 
 For FSDP1 (Lightning's ``FSDPStrategy``, GPUs only), ``BlockWrapPolicy`` is the auto-wrap policy with
 the same units: the block classes are looked up in the model when the strategy wraps it, so one config
-serves every model family.
+serves every model family. Its mixed precision is set in ``configs/trainer/fsdp.yaml``: bf16 compute over
+float32 flat parameters, gradients reduced in float32 (Lightning's default for ``bf16-mixed`` reduces in bf16).
+
+Precision (``vlrl.models.precision``): the shards hold the parameters in their own dtype (float32 master
+weights for a trained model), and ``shard_model`` gathers them in the compute dtype of
+``trainer.precision`` (bf16 under ``bf16-mixed``).
 
 ``FSDP2Strategy`` is ``ModelParallelStrategy`` with every rank in the data-parallel (sharding)
 dimension, so a config needs no arithmetic on the number of nodes and devices.

@@ -79,7 +79,8 @@ class VLLMEngine:
             ``update_weights`` resends all weights, so not with LoRA), ``0`` never sleeps.
         max_model_len: Longest prompt + response in tokens (``None``: the model's own limit).
         dtype: Weight dtype inside vLLM (``bfloat16``, ``float16``, ``float32``); ``None`` follows
-            the policy's dtype.
+            the policy's dtype. With float32 master weights (``trainer.precision: bf16-mixed``) set
+            ``bfloat16``, as ``configs/rollout/vllm.yaml`` does: the engine gets bf16 copies at each sync.
         model_impl: vLLM's model code: ``auto``, ``vllm`` (native) or ``transformers`` (the Hugging
             Face modelling code run by vLLM; works for any model transformers knows).
         enforce_eager: Run without CUDA graphs (slower decoding, faster start, less memory).
@@ -260,7 +261,7 @@ class VLLMEngine:
         if self.is_lora:
             self._load_adapter(model)
         else:
-            weights = streamed_weights(model, self.weight_names)
+            weights = streamed_weights(model, self.weight_names, getattr(torch, self.dtype or self.policy_dtype))
             llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # Everything cached was computed with the old weights: prompt KV blocks, image embeddings; and the
         # worker dropped its copy of the processed images when reloading, so the sender must forget them.
@@ -415,14 +416,19 @@ def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
     return {name: saved.get(id(param), name) for name, param in params.items()}
 
 
-def streamed_weights(model: torch.nn.Module, names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+def streamed_weights(
+    model: torch.nn.Module, names: dict[str, str], dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """``(checkpoint name, tensor)`` of every parameter, one at a time, on the parameter's device.
 
     An FSDP2-sharded parameter (a ``DTensor``) is gathered on its own just before it is yielded, so at
-    most one full tensor exists besides the shards.
+    most one full tensor exists besides the shards. With ``dtype`` (the engine's), float32 master weights
+    are sent as copies in that dtype (cast shard by shard, before the gather: half the traffic).
     """
     from torch.distributed.tensor import DTensor
 
     for name, param in model.named_parameters():
         tensor = param.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         yield names.get(name, name), tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
