@@ -8,6 +8,10 @@ batch is built (in worker processes if ``num_workers > 0``).
 The train loader is a ``ResumableLoader`` (see ``vlrl.data.loader``): Lightning saves its position
 in every checkpoint, and ``fit(ckpt_path=...)`` continues with the next unseen batch of the same
 shuffled order, across epoch boundaries.
+
+Batch size: either per device (``batch_size``) or over all devices (``global_batch_size``, the
+figure papers give); the latter is split over ``trainer.devices`` x ``trainer.num_nodes`` when the
+trainer is known, so a config means the same batch on one node or on eight.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from vlrl.data.errors import DataError
@@ -32,6 +36,29 @@ _STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "test": ("test",),
     "predict": ("predict",),
 }
+
+
+def per_device(total: int, key: str, world_size: int, num_nodes: int = 1) -> int:
+    """``total`` (a batch over all devices, named ``key`` in errors) split evenly over ``world_size`` devices.
+
+    >>> per_device(640, "data.global_batch_size", 64, num_nodes=8)
+    10
+
+    Raises:
+        ValueError: ``world_size`` does not divide ``total``; the message names the key, the world
+            size as ``trainer.devices`` x ``trainer.num_nodes``, the nearest totals that would split
+            and the device counts that divide ``total``.
+    """
+    if total % world_size == 0:
+        return total // world_size
+    lower, upper = total // world_size * world_size, (total // world_size + 1) * world_size
+    nearest = f"{lower} or {upper}" if lower else f"{upper}"
+    counts = ", ".join(str(d) for d in range(1, total + 1) if total % d == 0)
+    raise ValueError(
+        f"{key}={total} does not split evenly over {world_size} devices (trainer.devices={world_size // num_nodes} x "
+        f"trainer.num_nodes={num_nodes}): set {key} to a multiple of {world_size} (nearest: {nearest}), or run on a "
+        f"number of devices that divides {total} ({counts})"
+    )
 
 
 class PromptDataset(Dataset):
@@ -84,9 +111,14 @@ class RLDataModule(LightningDataModule):
         val: source of validation prompts.
         test: source of test prompts.
         predict: source of prompts for ``predict``.
-        batch_size: prompts per training step on each device (each is then sampled several times
-            by the method).
-        eval_batch_size: prompts per batch for val/test/predict (default: ``batch_size``).
+        batch_size: rows per training step on each device: prompts of one rollout for the RL methods
+            (each is then sampled several times), samples of one optimizer step for ``SFT``.
+            Default 8 when ``global_batch_size`` is not set either.
+        global_batch_size: rows per training step over all devices, the batch papers state (e.g.
+            VL-Rethinker's 512 prompts); each device takes ``global_batch_size`` / (``trainer.devices``
+            x ``trainer.num_nodes``), which must divide evenly. Set this or ``batch_size``, not both.
+        eval_batch_size: prompts per batch and device for val/test/predict (default: the training
+            batch per device).
         prompt_template: user text of a question row, with fields ``{question}`` and ``{choices}``
             (the lettered options "A. ..." one per line). Without ``{choices}``, options are
             appended to the question. ``<image1>``-style markers are removed from questions.
@@ -109,7 +141,8 @@ class RLDataModule(LightningDataModule):
         val: Source | None = None,
         test: Source | None = None,
         predict: Source | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        global_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         prompt_template: str = "{question}",
         system_prompt: str | None = None,
@@ -122,9 +155,19 @@ class RLDataModule(LightningDataModule):
         drop_last: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        sizes = (
+            ("batch_size", batch_size),
+            ("global_batch_size", global_batch_size),
+            ("eval_batch_size", eval_batch_size),
+        )
+        for name, value in sizes:
             if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be at least 1")
+                raise ValueError(f"data.{name}={value} must be at least 1")
+        if batch_size is not None and global_batch_size is not None:
+            raise ValueError(
+                f"data.batch_size={batch_size} (per device) and data.global_batch_size={global_batch_size} (over all "
+                "devices) are both set: keep one and set the other to null"
+            )
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be a positive pixel count (or null for no bound)")
@@ -136,8 +179,9 @@ class RLDataModule(LightningDataModule):
             raise ValueError(f"num_workers={num_workers} must be 0 (main process) or more")
         check_template(prompt_template)
         self.sources: dict[Split, Source | None] = {"train": train, "val": val, "test": test, "predict": predict}
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.global_batch_size = global_batch_size
+        self._batch_size = 8 if batch_size is None and global_batch_size is None else batch_size
+        self._eval_batch_size = eval_batch_size
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.min_pixels = min_pixels
@@ -150,8 +194,32 @@ class RLDataModule(LightningDataModule):
         self.datasets: dict[Split, PromptDataset] = {}
         self.skipped_rows: dict[str, int] = {}  # "<split>/<reason>" -> rows skipped, e.g. for self.log_dict
 
+    @property
+    def batch_size(self) -> int:
+        """Rows per training step on this device: ``batch_size``, or ``global_batch_size`` split over the
+        trainer's devices (one device without a trainer)."""
+        if self.global_batch_size is None:
+            return self._batch_size
+        world_size, num_nodes = (self.trainer.world_size, self.trainer.num_nodes) if self.trainer else (1, 1)
+        return per_device(self.global_batch_size, "data.global_batch_size", world_size, num_nodes)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Prompts per val/test/predict batch on this device."""
+        return self._eval_batch_size or self.batch_size
+
+    def describe_batch(self) -> str:
+        """Where the per-device batch comes from, for error messages."""
+        if self.global_batch_size is None:
+            return f"data.batch_size={self.batch_size}"
+        world_size = self.trainer.world_size if self.trainer else 1
+        return f"data.global_batch_size={self.global_batch_size} / {world_size} device(s) = {self.batch_size}"
+
     def setup(self, stage: str) -> None:
-        """Read and validate the rows of the splits ``stage`` uses (each split once)."""
+        """Derive the per-device batch (an error if it does not divide), then read and validate the rows of
+        the splits ``stage`` uses (each split once)."""
+        if self.global_batch_size is not None:  # a global batch that does not split fails here, before reading data
+            rank_zero_info(f"Training batch: {self.describe_batch()} per device")
         for split in _STAGE_SPLITS.get(stage, ()):
             if self.sources[split] is not None and split not in self.datasets:
                 self.datasets[split] = self._load(split)
@@ -200,8 +268,8 @@ class RLDataModule(LightningDataModule):
         )
         if len(sampler) == 0:
             raise ValueError(
-                f"the train source has {len(dataset)} rows, fewer than one batch of batch_size={self.batch_size} "
-                f"on each of {world_size} device(s); lower batch_size or set drop_last: false"
+                f"the train source has {len(dataset)} rows, fewer than one batch ({self.describe_batch()}) on each "
+                f"of {world_size} device(s); lower the batch size or set drop_last: false"
             )
         return ResumableLoader(dataset, sampler, collate_prompts, self.num_workers)
 

@@ -104,11 +104,13 @@ class ConversationDataset(PromptDataset):
 class SFTDataModule(RLDataModule):
     """Conversations for supervised fine-tuning (``vlrl.methods.SFT``), from the same sources as RL.
 
-    Takes the arguments of ``RLDataModule``. A ``question`` row learns its ``response`` field (else
-    its ``answer``) as the assistant turn after the templated prompt; a ``messages`` row that ends
-    with an assistant turn is learnt as given (every assistant turn); an optional ``weight`` field
-    (a number >= 0) scales the row's loss. Rows without a target, or with a bad weight, fail the
-    run with their file, row and field, or are skipped and counted with ``on_bad_row: skip``.
+    Takes the arguments of ``RLDataModule``; its batch (``batch_size`` per device, or
+    ``global_batch_size`` over all devices) is the samples of one optimizer step. A ``question`` row
+    learns its ``response`` field (else its ``answer``) as the assistant turn after the templated
+    prompt; a ``messages`` row that ends with an assistant turn is learnt as given (every assistant
+    turn); an optional ``weight`` field (a number >= 0) scales the row's loss. Rows without a target,
+    or with a bad weight, fail the run with their file, row and field, or are skipped and counted
+    with ``on_bad_row: skip``.
     """
 
     def _load(self, split: Split) -> PromptDataset:

@@ -34,6 +34,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from vlrl.algorithms import entropy_from_logits, token_logprobs, zero_advantage
 from vlrl.callbacks.base import RLCallback
 from vlrl.data import RLDataModule
+from vlrl.data.datamodule import per_device
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import DTYPES, Policy, tokenizer_of
@@ -113,8 +114,12 @@ class RLMethod(pl.LightningModule):
         sampling: Sampling settings for training rollouts.
         eval_sampling: Sampling settings for validation/test (default greedy, same length).
         group_size: Samples per prompt (``G``).
-        mini_batch_size: Samples per optimizer step; must divide prompts per step × ``G``.
+        mini_batch_size: Samples per optimizer step on each device; must divide prompts per step × ``G``.
             Default: the whole rollout (one optimizer step per rollout and epoch).
+        global_mini_batch_size: Samples per optimizer step over all devices (e.g. RACRO's 128 prompts ×
+            4 captions = 512), so that the optimizer steps per rollout stay the paper's on any number of
+            devices; each device takes it / (``trainer.devices`` × ``trainer.num_nodes``). Set this or
+            ``mini_batch_size``, not both; pair it with ``data.global_batch_size``.
         micro_batch_size: Samples per forward/backward pass (gradient accumulation inside a
             mini-batch); only memory depends on it, not the result.
         epochs: Passes over each rollout.
@@ -139,6 +144,7 @@ class RLMethod(pl.LightningModule):
         eval_sampling: Sampling | None = None,
         group_size: int = 8,
         mini_batch_size: int | None = None,
+        global_mini_batch_size: int | None = None,
         micro_batch_size: int = 8,
         epochs: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -153,8 +159,14 @@ class RLMethod(pl.LightningModule):
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if micro_batch_size < 1 or epochs < 1:
             raise ValueError(f"micro_batch_size and epochs must be >= 1, got {micro_batch_size} and {epochs}")
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        for key, value in (("mini_batch_size", mini_batch_size), ("global_mini_batch_size", global_mini_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1 or null, got {value}")
+        if mini_batch_size is not None and global_mini_batch_size is not None:
+            raise ValueError(
+                f"mini_batch_size={mini_batch_size} (per device) and global_mini_batch_size={global_mini_batch_size} "
+                "(over all devices) are both set: keep one and set the other to null"
+            )
         self.automatic_optimization = False
         self.policy = policy
         self.rewards = rewards
@@ -162,7 +174,8 @@ class RLMethod(pl.LightningModule):
         self.sampling = sampling or Sampling()
         self.eval_sampling = eval_sampling or Sampling(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
         self.group_size = group_size
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = mini_batch_size  # per device; derived in ``setup`` from global_mini_batch_size
+        self.global_mini_batch_size = global_mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
         self.optimizer_factory = optimizer
@@ -187,31 +200,45 @@ class RLMethod(pl.LightningModule):
         self.sampling.max_new_tokens = int(value)
 
     def setup(self, stage: str) -> None:
-        """Check the batch sizes against the data before ``configure_model`` loads any weights."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        """Split ``global_mini_batch_size`` over the devices, then check the batch sizes against the data,
+        before ``configure_model`` loads any weights."""
+        if self._trainer is None:
+            return
+        if self.global_mini_batch_size is not None:
+            world_size, num_nodes = self.trainer.world_size, self.trainer.num_nodes
+            key = "model.global_mini_batch_size"
+            self.mini_batch_size = per_device(self.global_mini_batch_size, key, world_size, num_nodes)
+        datamodule = self.trainer.datamodule
         if stage == "fit" and isinstance(datamodule, RLDataModule):
             self.check_batch_sizes(datamodule.batch_size * self.group_size)
 
     def check_batch_sizes(self, rollout_size: int) -> None:
-        """Raise if ``mini_batch_size``/``micro_batch_size`` do not fit a rollout of ``rollout_size`` samples."""
+        """Raise if ``mini_batch_size``/``micro_batch_size`` do not fit a rollout of ``rollout_size`` samples
+        (per device)."""
         from vlrl.callbacks.replay import SelectiveSampleReplay  # here: vlrl.callbacks imports vlrl.methods
 
         replay = [c.batch_size for c in self.trainer.callbacks if isinstance(c, SelectiveSampleReplay) and c.batch_size]
         update_size = replay[0] if replay else rollout_size  # replay refills the update batch to its batch_size
-        source = (
-            "SelectiveSampleReplay.batch_size"
-            if replay
-            else f"data.batch_size={rollout_size // self.group_size} prompts x group_size={self.group_size}"
+        datamodule = self.trainer.datamodule
+        prompts = (
+            datamodule.describe_batch()
+            if isinstance(datamodule, RLDataModule)
+            else f"data.batch_size={rollout_size // self.group_size}"
         )
+        source = "SelectiveSampleReplay.batch_size" if replay else f"{prompts} prompts x group_size={self.group_size}"
         mini = self.mini_batch_size or update_size
+        named = f"mini_batch_size={mini}"
+        if self.global_mini_batch_size is not None:
+            world_size = self.trainer.world_size
+            named += f" (model.global_mini_batch_size={self.global_mini_batch_size} / {world_size} devices)"
         if update_size % mini:
             raise ValueError(
-                f"mini_batch_size={mini} does not divide the update batch of {update_size} samples ({source}); "
+                f"{named} does not divide the update batch of {update_size} samples ({source}); "
                 f"pick a divisor of {update_size}"
             )
         if self.micro_batch_size > mini and self.mini_batch_size is not None:
             raise ValueError(
-                f"micro_batch_size={self.micro_batch_size} is larger than mini_batch_size={mini}: a micro-batch "
+                f"micro_batch_size={self.micro_batch_size} is larger than {named}: a micro-batch "
                 f"is a slice of a mini-batch; set micro_batch_size to a divisor of {mini}"
             )
 

@@ -5,6 +5,12 @@ One training step is one optimizer step over the batch::
     conversations -> tokens with an assistant-only loss mask -> packed rows or padded micro-batches
     -> weighted token-mean NLL over the whole batch (all micro-batches, all devices) -> optimizer step
 
+The batch of a step is ``data.global_batch_size`` samples over all devices (or ``data.batch_size`` on
+each): each device accumulates the gradients of its share over its micro-batches (``micro_batch_size``
+samples each, or one packed row each) inside the step, so a step is one optimizer step on the whole
+batch on any number of devices, and Lightning's ``accumulate_grad_batches`` stays 1 (manual
+optimization refuses it).
+
 Used for Open Vision Reasoner's language-only cold start (text-only long chain-of-thought data, vision
 tower and projector frozen, sample packing), for rejection-sampling fine-tuning, for SOPHIA's offline
 stage (each row's ``weight`` scales its loss) and for UnifiedReward-Think's cold start. Data comes
@@ -225,8 +231,9 @@ class SFT(pl.LightningModule):
         pack: Pack the samples of each batch into rows of at most ``max_length`` tokens, one row per
             forward pass, attention and positions kept per sample. Without packing, samples are
             padded into micro-batches of ``micro_batch_size``.
-        micro_batch_size: Samples per forward/backward pass when not packing (gradient accumulation
-            inside the step; only memory depends on it, not the result).
+        micro_batch_size: Samples per forward/backward pass on each device when not packing (gradient
+            accumulation inside the step over batch per device / ``micro_batch_size`` passes; only memory
+            depends on it, not the result).
         max_grad_norm: Clip the gradient norm to this value (``None`` = no clipping).
         eval_sampling: If set, validation and test also generate a response for each prompt (the
             conversation before its first assistant turn) and report accuracy against the rows'
