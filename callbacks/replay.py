@@ -55,6 +55,7 @@ import torch
 
 from vlrl.algorithms import zero_advantage
 from vlrl.callbacks.base import RLCallback
+from vlrl.seeding import generator
 from vlrl.types import EncodedPrompt, PromptBatch, Rollout
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ class SelectiveSampleReplay(RLCallback):
 
     def _ensure_generator(self, rank: int) -> torch.Generator:
         if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
+            self._generator = generator(self.seed, "replay", 0, rank)
         return self._generator
 
     # ------------------------------------------------------------------------------ checkpoint

@@ -37,10 +37,12 @@ from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
-from vlrl.models.loading import DTYPES, Policy, tokenizer_of
+from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.precision import check_master_weights, compute_dtype
 from vlrl.models.sharding import shard_model
 from vlrl.rewards import RewardFunction, is_correct, score
 from vlrl.rollout import HFEngine, RolloutEngine, Sampling
+from vlrl.seeding import generator, stream_seed
 from vlrl.types import PromptBatch, Rollout
 
 log = logging.getLogger(__name__)
@@ -248,10 +250,16 @@ class RLMethod(pl.LightningModule):
         self.model, self.processor = self.policy.load()
         self.model.train()  # from_pretrained returns eval mode; dropout (if any) belongs to training
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 units, before the optimizer is built
-            shard_model(self.model, self.device_mesh, DTYPES[self.policy.dtype])
+            shard_model(self.model, self.device_mesh, self.compute_dtype)
         self.rollout_engine.bind(self.model, self.processor)
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype of forward and backward under ``trainer.precision`` (``None``: the parameters' own)."""
+        return compute_dtype(self.trainer.precision) if self._trainer is not None else None
+
     def on_fit_start(self) -> None:
+        check_master_weights(self.model, "policy", self.trainer.precision)
         for reward in self.rewards:  # rewards that hold a model (a judge) load it now, not inside the time budget
             if callable(getattr(reward, "setup", None)):
                 reward.setup(self.device)
@@ -321,7 +329,7 @@ class RLMethod(pl.LightningModule):
         """Encode the prompts and sample ``group_size`` responses for each."""
         encoded = [encode_prompt(self.processor, m, imgs) for m, imgs in zip(batch.messages, batch.images, strict=True)]
         prompts = [p for p in encoded for _ in range(group_size)]
-        seed = self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        seed = stream_seed(self.seed, "rollout" if self.training else "eval", self.global_step, self.global_rank)
         out = self.rollout_engine.generate(prompts, sampling, seed=seed)
         # padding as the pad token (special, so it drops out of the text; id 0 would decode as a character)
         padded = torch.where(out.response_mask.bool(), out.response_ids, self.pad_id)  # [N, T]
@@ -409,11 +417,11 @@ class RLMethod(pl.LightningModule):
                 f"{key}={size} does not divide the update batch of {n} samples "
                 f"(prompts per step x group_size={self.group_size}); pick a divisor of {n}"
             )
-        generator = torch.Generator().manual_seed(self.seed + self.global_step)
+        shuffle = generator(self.seed, f"mini_batches/{key}", self.global_step, self.global_rank)
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
+            order = torch.randperm(n, generator=shuffle) if size < n else torch.arange(n)
             for start in range(0, n, size):
                 for k, v in step(rollout.select(order[start : start + size])).items():
                     sums[k] += v

@@ -52,6 +52,7 @@ from vlrl.methods.base import NonFiniteGuard
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, extend_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.precision import check_master_weights
 from vlrl.rewards import is_correct
 from vlrl.rollout import HFEngine, Sampling
 from vlrl.types import EncodedPrompt, PromptBatch
@@ -284,6 +285,9 @@ class SFT(pl.LightningModule):
         self.model, self.processor = self.policy.load()
         self.model.train()
         self.engine.bind(self.model, self.processor)
+
+    def on_fit_start(self) -> None:
+        check_master_weights(self.model, "policy", self.trainer.precision)
 
     @property
     def pad_id(self) -> int:
