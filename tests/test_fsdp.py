@@ -30,7 +30,12 @@ class RecordPrecision(pl.Callback):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.record: dict[str, set[str]] = {"shards": set(), "grads": set(), "compute_weight": set(), "compute_in": set()}
+        self.record: dict[str, set[str]] = {
+            "shards": set(),
+            "grads": set(),
+            "compute_weight": set(),
+            "compute_in": set(),
+        }
 
     def on_train_start(self, trainer, pl_module) -> None:
         layer = next(m for n, m in pl_module.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))

@@ -67,4 +67,3 @@ def check_master_weights(model: torch.nn.Module, name: str, precision: str | int
             f"`{name}.dtype: float32` (under LoRA the adapters are float32 already; use bf16-mixed, not bf16-true)."
         )
     return fraction
-
