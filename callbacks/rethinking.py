@@ -24,7 +24,13 @@ Decisions where the paper leaves room:
   sampled) and the continuation get the policy's log-probs at the training temperature, computed
   under ``no_grad`` with ``RLMethod.policy_logprobs``. The engine's continuation log-probs are at
   the continuation temperature, which would make the first ratio of the update differ from 1.
-- A continuation cut off by the length limit is not correct, as ``AccuracyReward`` grades it.
+- "Correct" (the group-accuracy rule of step 1, the trigger of step 3, ``keep_only_correct``) is what
+  the module's rewards count as correct (``vlrl.rewards.correct_by_rewards``): for VL-Rethinker's
+  ``AccuracyReward(boxed_only=True)`` + ``InvalidResponsePenalty``, a right last ``\\boxed{}`` in a
+  response that ended with EOS and says "wait" at most 5 times (trigger included), so every kept
+  sample scores as correct. With no reward that defines correct: ``is_correct`` on a response that
+  ended with EOS (a continuation cut off by the length limit is not correct).
+- With a critic (PPO) the values are computed after this hook, on the rethought responses.
 - A cut in the text becomes a cut in the tokens at the last token boundary at or before it, so the
   prefix tokens stay exactly the sampled ones.
 
@@ -53,7 +59,7 @@ import torch
 
 from vlrl.callbacks.base import RLCallback
 from vlrl.models.inputs import extend_prompt
-from vlrl.rewards import is_correct
+from vlrl.rewards import correct_by_rewards
 from vlrl.rollout import Generation, Sampling
 from vlrl.types import Rollout
 
@@ -140,7 +146,8 @@ class ForcedRethinking(RLCallback):
         max_continuation_tokens: Most new tokens (also bounded by the room left).
         max_response_tokens: Length limit of a rethought response (prefix + trigger +
             continuation); default: the module's ``max_new_tokens``, as in the paper.
-        keep_only_correct: Replace the original only if the rethought answer is correct.
+        keep_only_correct: Replace the original only if the rethought response is correct by the
+            module's rewards (see the module docstring).
         max_per_prompt: Most rethought samples kept per prompt.
         mask_trigger: Leave the trigger tokens out of the loss (``Rollout.loss_mask``).
         require_eos: Only responses that ended with EOS are eligible (the paper). Off lets
@@ -227,15 +234,10 @@ class ForcedRethinking(RLCallback):
 
     # --------------------------------------------------------------------------------- the hook
     def on_rollout_end(self, trainer: pl.Trainer, pl_module: RLMethod, rollout: Rollout) -> Rollout:
-        if rollout.values is not None:
-            raise ValueError(
-                "ForcedRethinking replaces responses after generation, but this rollout carries critic values "
-                "computed for the original responses; use it with a critic-free method such as GRPO"
-            )
         seed = self.seed * 1_000_003 + pl_module.global_step * 1009 + pl_module.global_rank
         rng = random.Random(seed)
         limit = self.max_response_tokens or pl_module.max_new_tokens
-        correct = self.grade(rollout)
+        correct = self.grade(pl_module, rollout)
         eligible = self.eligible(rollout, correct, limit)
         selected = [i for i in range(len(rollout)) if eligible[i] and rng.random() < self.fraction]
         plans = [self.plan(rollout, i, correct[i], pl_module.tokenizer, rng, limit) for i in selected]
@@ -254,14 +256,36 @@ class ForcedRethinking(RLCallback):
         return out
 
     # ------------------------------------------------------------------------------ the pieces
+    def grade(self, pl_module: RLMethod, rollout: Rollout) -> list[bool]:
+        """Whether each original response is correct, as the module's rewards define it."""
+        return self.judge(pl_module, rollout, list(range(len(rollout))), rollout.texts, rollout.finish_reasons)
+
     @staticmethod
-    def grade(rollout: Rollout) -> list[bool]:
-        """Whether each original response is correct (a truncated one is not)."""
-        batch, idx = rollout.batch, rollout.group_index.tolist()
-        return [
-            reason == "stop" and is_correct(text, batch.answers[g], batch.choices[g])
-            for text, reason, g in zip(rollout.texts, rollout.finish_reasons, idx, strict=True)
-        ]
+    def judge(
+        pl_module: RLMethod,
+        rollout: Rollout,
+        indices: list[int],
+        texts: list[str],
+        finish_reasons: list[str],
+        triggers: list[str] | None = None,
+    ) -> list[bool]:
+        """Whether ``texts`` (responses to the prompts of samples ``indices``) are correct by ``pl_module.rewards``.
+
+        The rewards get what the step's scoring gives them (``vlrl.rewards.correct_by_rewards``), so a
+        sample is judged here exactly as its reward will judge it.
+        """
+        batch, groups = rollout.batch, [int(rollout.group_index[i]) for i in indices]
+        return correct_by_rewards(
+            pl_module.rewards,
+            texts,
+            answers=[batch.answers[g] for g in groups],
+            choices=[batch.choices[g] for g in groups],
+            finish_reasons=finish_reasons,
+            data_sources=[batch.data_sources[g] for g in groups],
+            questions=[batch.questions[g] for g in groups] if batch.questions else None,
+            images=[batch.images[g] for g in groups],
+            rethink_trigger=triggers or [""] * len(texts),
+        )
 
     def eligible(self, rollout: Rollout, correct: list[bool], limit: int) -> list[bool]:
         """Which samples may be rethought (see the module docstring, step 1)."""
@@ -322,17 +346,23 @@ class ForcedRethinking(RLCallback):
         generation = pl_module.rollout_engine.generate(prompts, sampling, seed=seed + 1)
         responses, finishes = self._assemble(plans, generation)
         logprobs = self._behaviour_logprobs(pl_module, rollout, plans, responses)
-        tokenizer, batch = pl_module.tokenizer, rollout.batch
-        out = []
-        for plan, ids, lp, finish in zip(plans, responses, logprobs, finishes, strict=True):
-            g = int(rollout.group_index[plan.index])
+        tokenizer = pl_module.tokenizer
+        texts, starts = [], []
+        for plan, ids in zip(plans, responses, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             at = len(tokenizer.decode(plan.prefix_ids, skip_special_tokens=True))
             if text[at : at + len(plan.trigger)] != plan.trigger:  # a token boundary decoded differently
                 at = text.find(plan.trigger.strip(), max(0, at - len(plan.trigger)))
-            correct = finish == "stop" and is_correct(text, batch.answers[g], batch.choices[g])
-            out.append(Rethought(plan, ids, lp, text, at, finish, correct))
-        return out
+            texts.append(text)
+            starts.append(at)
+        indices, triggers = [p.index for p in plans], [p.trigger for p in plans]
+        correct = self.judge(pl_module, rollout, indices, texts, finishes, triggers)
+        return [
+            Rethought(plan, ids, lp, text, at, finish, ok)
+            for plan, ids, lp, text, at, finish, ok in zip(
+                plans, responses, logprobs, texts, starts, finishes, correct, strict=True
+            )
+        ]
 
     @staticmethod
     def _assemble(plans: list[RethinkPlan], generation: Generation) -> tuple[list[torch.Tensor], list[str]]:

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from tests.test_grpo import make_data, make_module
-from vlrl.callbacks import ForcedRethinking
+from tests.test_ppo import make_ppo, make_trainer
+from vlrl.callbacks import ForcedRethinking, RLCallback
 from vlrl.callbacks.rethinking import RethinkPlan, Rethought, cut_position, tokens_before
 from vlrl.models.inputs import encode_prompt
+from vlrl.rewards import AccuracyReward, InvalidResponsePenalty, NativeWaitBonus
 from vlrl.rollout import Generation
 from vlrl.types import Rollout
 
@@ -124,7 +126,7 @@ def test_eligibility(module, batch):
     finishes = ["stop"] * 7 + ["length"]
     rollout = constructed_rollout(module, batch, texts, finishes)
     callback = ForcedRethinking(min_room=20)
-    correct = callback.grade(rollout)
+    correct = callback.grade(module, rollout)
     assert correct == [True, True, True, False, True, False, True, False]  # truncated is not correct
     lengths = rollout.response_mask.sum(1).long().tolist()
     limit = lengths[6] + 19  # sample 6 (padded with spaces) has 19 tokens of room, the others more
@@ -134,6 +136,54 @@ def test_eligibility(module, batch):
     assert eligible == [True, True, True, False, True, True, False, False]
     loose = ForcedRethinking(min_room=20, skip_wrong_above_accuracy=1.0, require_eos=False)
     assert loose.eligible(rollout, correct, limit) == [True, True, True, True, True, True, False, True]
+
+
+def vl_rethinker_rewards() -> list:
+    """configs/vl_rethinker.yaml's rewards, with the optional native-wait bonus."""
+    return [AccuracyReward(boxed_only=True), InvalidResponsePenalty(boxed_only=True), NativeWaitBonus(weight=0.1)]
+
+
+def test_correct_is_what_the_module_rewards_call_correct(module, batch):
+    """Group accuracy and eligibility follow the rewards: 6 "wait"s or no \\boxed{} is wrong for VL-Rethinker."""
+    a0, a1 = batch.answers
+    texts = [f"\\boxed{{{a0}}}"] * 3 + ["wait " * 6 + f"\\boxed{{{a0}}}"]
+    texts += [f"So the answer is {a1}.", f"So the answer is {a1}.", f"\\boxed{{{a1}}}", f"\\boxed{{{a1}}}"]
+    rollout = constructed_rollout(module, batch, texts, ["stop"] * 8)
+    callback = ForcedRethinking(min_room=0)
+    rewards, module.rewards = module.rewards, [NativeWaitBonus()]  # no reward that defines correct: is_correct
+    try:
+        assert callback.grade(module, rollout) == [True] * 8
+        module.rewards = vl_rethinker_rewards()
+        correct = callback.grade(module, rollout)
+    finally:
+        module.rewards = rewards
+    assert correct == [True, True, True, False, False, False, True, True]
+    # group 0 is 3/4 = 0.75 accurate: its wrong (six-wait) response is not eligible; group 1 is at 0.5
+    assert callback.eligible(rollout, correct, limit=1000) == [True, True, True, False, True, True, True, True]
+
+
+def test_a_kept_rethought_sample_is_correct_by_the_reward(module, batch):
+    """keep_only_correct under VL-Rethinker's reward: a continuation with six "wait"s or an unboxed answer is
+    not kept, and every kept sample scores as correct (never the -0.1 of an invalid response)."""
+    rollout = module.generate(batch, module.sampling, module.group_size)
+    a0 = batch.answers[0]
+    continuations = [f" so \\boxed{{{a0}}}", " wait" * 6 + f" so \\boxed{{{a0}}}", f" so the answer is {a0}."]
+    callback = ForcedRethinking(
+        fraction=1.0, min_room=0, max_response_tokens=60, min_continuation_tokens=0, require_eos=False, seed=1
+    )
+    engine, module.rollout_engine = module.rollout_engine, ScriptedEngine(module.tokenizer, continuations)
+    rewards, module.rewards = module.rewards, vl_rethinker_rewards()
+    try:
+        out = callback.on_rollout_end(None, module, rollout)
+        scored = module.score(out)
+    finally:
+        module.rollout_engine, module.rewards = engine, rewards
+    assert batch.answers[0] != batch.answers[1]
+    # sample j continues with continuations[j % 3]: in group 0 (samples 0-3) samples 0 and 3 are boxed and right;
+    # is_correct alone would also keep 1 (six waits) and 2 (the phrase), and keep 0 and 1 as the first two
+    assert out.extras["rethought"] == [True, False, False, True, False, False, False, False]
+    assert out.stats["rethink/correct"] == 2 == out.stats["rethink/kept"]
+    assert scored.rewards[[0, 3]].tolist() == pytest.approx([1.0, 1.0])  # the trigger's "Wait" is not native
 
 
 def test_keep_only_correct_and_at_most_n_per_prompt(module, batch):
@@ -252,6 +302,43 @@ def test_keep_only_correct_keeps_correct_continuations_only(module, batch):
             torch.isfinite(out.logprobs[i]).all()
             and out.response_ids[i][out.response_mask[i].bool()][-1] == tok.eos_token_id
         )
+
+
+class ValuesSeen(RLCallback):
+    """Keeps the rollout as the advantage hook sees it (after rewards, critic values and advantages)."""
+
+    def __init__(self) -> None:
+        self.rollout: Rollout | None = None
+
+    def on_advantages_computed(self, trainer, pl_module, rollout):
+        self.rollout = rollout
+        return rollout
+
+
+def test_ppo_critic_values_cover_the_rethought_responses(tmp_path):
+    """With a critic, values are computed after on_rollout_end, so they are the rethought responses' own."""
+    seen = ValuesSeen()
+    rethinking = ForcedRethinking(
+        fraction=1.0,
+        min_room=0,
+        max_response_tokens=20,
+        min_continuation_tokens=2,
+        max_continuation_tokens=6,
+        keep_only_correct=False,
+        require_eos=False,
+        seed=3,
+    )
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[rethinking, seen])
+    trainer.fit(make_ppo(), datamodule=make_data(batch_size=2))
+    out = seen.rollout
+    assert sum(out.extras["rethought"]) == 4  # 2 of each prompt's 4 samples
+    width = out.response_ids.shape[1]
+    assert width > 8  # wider than the first generation (8 tokens): the rethought responses are longer
+    assert out.values.shape == out.advantages.shape == (8, width)
+    for i in range(8):
+        n = int(out.response_mask[i].sum())
+        assert (out.values[i, n:] == 0).all() and torch.isfinite(out.values[i, :n]).all()
+        assert (out.advantages[i, :n] != 0).any()  # advantages on every response token, the rethought ones too
 
 
 @pytest.mark.parametrize(

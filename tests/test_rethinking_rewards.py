@@ -8,6 +8,7 @@ from vlrl.rewards import (
     AccuracyReward,
     InvalidResponsePenalty,
     NativeWaitBonus,
+    correct_by_rewards,
     count_waits,
     invalid_reason,
     score,
@@ -69,6 +70,40 @@ def test_penalty_follows_the_weight_of_accuracy():
     rewards = [AccuracyReward(weight=2.0), InvalidResponsePenalty(penalty=-0.5, accuracy_weight=2.0)]
     out = score(rewards, ["the answer is 4"], answers=["4"], choices=[None], finish_reasons=["stop"])
     assert out.total.tolist() == pytest.approx([-0.5])
+
+
+def test_strict_accuracy_and_penalty_total_the_paper_reward():
+    """VL-Rethinker grades the last \\boxed{}: with boxed_only on both terms an invalid response totals -0.1."""
+    cases = [  # text, finish, expected total
+        (r"x = 4, so \boxed{4}", "stop", 1.0),
+        ("So the answer is 4.", "stop", -0.1),  # the lenient accuracy would say 1, the penalty cancels 0
+        ("So the answer is 5.", "stop", -0.1),
+        ("wait " * 6 + r"\boxed{4}", "stop", -0.1),
+        (r"\boxed{4}", "length", -0.1),
+        (r"\boxed{5}", "stop", 0.0),
+    ]
+    texts, finishes, expected = map(list, zip(*cases, strict=True))
+    n = len(texts)
+    rewards = [AccuracyReward(boxed_only=True), InvalidResponsePenalty(boxed_only=True)]
+    out = score(rewards, texts, answers=["4"] * n, choices=[None] * n, finish_reasons=finishes)
+    assert out.total.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.components["invalid_response_penalty"].tolist() == pytest.approx([0, -0.1, -0.1, -1.1, -0.1, 0])
+    # a penalty that does not match the accuracy's extraction cancels an accuracy that is not there
+    mismatched = [AccuracyReward(boxed_only=True), InvalidResponsePenalty()]
+    out = score(mismatched, texts[1:2], answers=["4"], choices=[None], finish_reasons=["stop"])
+    assert out.total.tolist() == pytest.approx([-1.1])
+
+
+def test_penalty_counts_only_valid_right_responses_as_correct():
+    texts = [r"so \boxed{4}", "So the answer is 4.", "Wait. " * 6 + r"\boxed{4}", r"\boxed{4}", r"\boxed{5}"]
+    kwargs = dict(answers=["4"] * 5, choices=[None] * 5, finish_reasons=["stop", "stop", "stop", "length", "stop"])
+    for penalty in (InvalidResponsePenalty(), InvalidResponsePenalty(boxed_only=True)):
+        assert penalty.correct(texts, **kwargs) == [True, False, False, False, False]
+    assert InvalidResponsePenalty(max_waits=6).correct(texts, **kwargs)[2] is True
+    assert NativeWaitBonus().correct(texts, **kwargs) is None  # a bonus has no say on correctness
+    vl_rethinker = [AccuracyReward(boxed_only=True), InvalidResponsePenalty(boxed_only=True), NativeWaitBonus()]
+    assert correct_by_rewards(vl_rethinker, texts, **kwargs) == [True, False, False, False, False]
+    assert correct_by_rewards([NativeWaitBonus()], texts, **kwargs) == [True, True, True, False, False]  # is_correct
 
 
 def test_without_triggers_every_wait_is_native():

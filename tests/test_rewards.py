@@ -18,6 +18,7 @@ from vlrl.rewards import (
     RewardFunction,
     TagFormatReward,
     ThinkFormatReward,
+    correct_by_rewards,
     extract_answer,
     extract_boxed,
     is_correct,
@@ -443,6 +444,54 @@ def test_accuracy() -> None:
     assert _call(AccuracyReward(), completions, **kwargs) == [1.0, 0.0, 0.0, 1.0, 1.0]
     assert _call(AccuracyReward(truncated_score=-0.5), completions, **kwargs)[2] == -0.5
     assert _call(AccuracyReward(truncated_score=None), completions, **kwargs)[2] == 1.0
+
+
+def test_accuracy_boxed_only_grades_the_last_box_alone() -> None:
+    """OVR / VL-Rethinker: only the last complete \\boxed{} counts; the lenient fallbacks score 0."""
+    completions = [
+        "So the answer is 12.",  # an "answer is" phrase
+        "<answer>12</answer>",  # an answer tag
+        "The options are listed.\n(B)",  # a lone option letter on a line
+        r"First \boxed{13}. No: \boxed{12}",  # the last box is right
+        r"\boxed{12}. So the answer is 13.",  # a phrase after the box does not count
+        r"\boxed{13}. So the answer is 12.",  # nor does it rescue a wrong box
+        r"\boxed{}. So the answer is 12.",  # an empty box is no box
+        r"\boxed{12",  # an unclosed box is no box
+        r"\boxed{12}",  # right, but truncated
+    ]
+    answers = ["12", "12", "B", "12", "12", "12", "12", "12", "12"]
+    choices = [None, None, ["3", "12"], None, None, None, None, None, None]
+    reasons = ["stop"] * 8 + ["length"]
+    kwargs = {"answers": answers, "choices": choices, "finish_reasons": reasons}
+    assert _call(AccuracyReward(), completions, **kwargs) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    strict = AccuracyReward(boxed_only=True)
+    assert _call(strict, completions, **kwargs) == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert strict.correct(completions, **kwargs) == [False, False, False, True, True, False, False, False, False]
+    loose_on_length = AccuracyReward(truncated_score=None, boxed_only=True)
+    assert loose_on_length.correct(completions, **kwargs)[-1] is True  # graded like any other response
+    with pytest.raises(ValueError, match="boxed_only='yes'"):
+        AccuracyReward(boxed_only="yes")
+
+
+def test_correct_by_rewards_asks_every_reward_that_defines_correct() -> None:
+    texts = [r"\boxed{4}", "So the answer is 4.", r"\boxed{4}"]
+    kwargs = {"answers": ["4"] * 3, "choices": [None] * 3, "finish_reasons": ["stop", "stop", "length"]}
+    # no reward defines correct: is_correct on responses that ended with EOS
+    assert correct_by_rewards([BoxedFormatReward()], texts, **kwargs) == [True, True, False]
+    assert correct_by_rewards([], texts, **kwargs) == [True, True, False]
+    assert BoxedFormatReward().correct(texts, **kwargs) is None
+    # the accuracy reward's own definition, whatever else is in the list
+    assert correct_by_rewards([BoxedFormatReward(), AccuracyReward(boxed_only=True)], texts, **kwargs) == [
+        True,
+        False,
+        False,
+    ]
+    # every reward that defines correct must agree
+    assert correct_by_rewards([AccuracyReward(), AccuracyReward(name="strict", boxed_only=True)], texts, **kwargs) == [
+        True,
+        False,
+        False,
+    ]
 
 
 def test_format_rewards() -> None:

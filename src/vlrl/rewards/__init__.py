@@ -3,7 +3,8 @@
 - ``extract_answer``: the final answer of a response (last ``\\boxed{}``, ``<answer>``, "answer is").
 - ``is_correct``: does a response's final answer equal the gold (math-verify + multiple choice)?
 - reward functions (``AccuracyReward``, format rewards): callables with one protocol, see
-  ``vlrl.rewards.functions``.
+  ``vlrl.rewards.functions``; ``correct_by_rewards``: which responses a method's rewards count as
+  correct (what forced rethinking keeps).
 - ``score``: runs reward functions with a time budget and failure accounting -> ``RewardScores``.
 - reasoners (``HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``: one batched ``Reasoner`` protocol)
   and ``CaptionReward``, the reasoner's graded accuracy from a caption (RACRO).
@@ -19,6 +20,7 @@ from vlrl.rewards.functions import (
     RewardFunction,
     TagFormatReward,
     ThinkFormatReward,
+    correct_by_rewards,
 )
 from vlrl.rewards.grading import is_correct
 from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, judged_correctly
@@ -53,6 +55,7 @@ __all__ = [
     "ThinkFormatReward",
     "VLLMReasoner",
     "answer_tag",
+    "correct_by_rewards",
     "count_waits",
     "extract_answer",
     "extract_boxed",

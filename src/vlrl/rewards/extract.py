@@ -9,6 +9,9 @@
 3. the text after the last "Answer:" / "the answer is" / "final answer is", cut at the end of the
    line or sentence.
 
+A reward that pays for the box alone (``AccuracyReward(boxed_only=True)``: VL-Rethinker, Open
+Vision Reasoner) takes step 1 only, through ``extract_boxed``.
+
 Every step is a linear scan, so a 100k-character response costs milliseconds, and nothing here
 raises on malformed input: an unbalanced ``\\boxed{`` is skipped in favour of an earlier complete
 one or the next fallback.

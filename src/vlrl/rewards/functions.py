@@ -11,6 +11,11 @@ option texts (None for free-form) of each sample's prompt; ``finish_reasons`` is
 by a method and are ignored by rewards that don't need them. Each reward has a ``name`` (its key in
 metrics) and a ``weight`` (its factor in the total); both are constructor arguments, so a YAML
 config names a reward by ``class_path`` and sets them under ``init_args``.
+
+A reward may also say which completions it counts as *correct* (``RewardFunction.correct``, same
+arguments, a bool per completion or None when the reward has no such notion). ``correct_by_rewards``
+asks every reward of a method, so that a callback deciding on correctness (``ForcedRethinking``)
+judges as the method's reward does: a rethought sample it keeps as correct is scored as correct.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "ThinkFormatReward",
     "BoxedFormatReward",
     "TagFormatReward",
+    "correct_by_rewards",
 ]
 
 
@@ -66,6 +72,22 @@ class RewardFunction:
     ) -> list[float]:
         raise NotImplementedError
 
+    def correct(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[bool] | None:
+        """Which completions this reward counts as correct; None (the default) if it has no notion of correct.
+
+        Takes the arguments of ``__call__``. A reward that grades answers (``AccuracyReward``) or that
+        can rule a response out (``InvalidResponsePenalty``) overrides it; see ``correct_by_rewards``.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
 
@@ -73,25 +95,42 @@ class RewardFunction:
 class AccuracyReward(RewardFunction):
     """1.0 if the final answer equals the gold answer (``vlrl.rewards.grading.is_correct``), else 0.0.
 
+    The final answer is read as ``vlrl.rewards.extract_answer`` reads it: the last ``\\boxed{}``, else
+    an ``<answer>`` tag, an "the answer is ..." phrase or a lone option letter on a line. With
+    ``boxed_only`` only the last complete ``\\boxed{}`` counts and a response without one scores 0,
+    as in VL-Rethinker and Open Vision Reasoner ("So the answer is 12." is then wrong).
+
     Args:
         truncated_score: score of a response cut off by the length limit (finish reason
             ``"length"``); None grades it like any other response.
+        boxed_only: grade only the content of the last complete ``\\boxed{}`` (strict extraction).
         name: see ``RewardFunction``.
         weight: see ``RewardFunction``.
 
     Example:
         >>> reward = AccuracyReward()
-        >>> reward([r"so \\boxed{\\frac{1}{2}}", r"\\boxed{3}", r"\\boxed{0.5} and then"],
-        ...        answers=["0.5", "0.5", "0.5"], choices=[None, None, None],
-        ...        finish_reasons=["stop", "stop", "length"])
-        [1.0, 0.0, 0.0]
+        >>> reward([r"so \\boxed{\\frac{1}{2}}", r"\\boxed{3}", r"\\boxed{0.5} and then", "the answer is 0.5"],
+        ...        answers=["0.5"] * 4, choices=[None] * 4, finish_reasons=["stop", "stop", "length", "stop"])
+        [1.0, 0.0, 0.0, 1.0]
+        >>> AccuracyReward(boxed_only=True)(["the answer is 0.5"], answers=["0.5"], choices=[None],
+        ...                                 finish_reasons=["stop"])
+        [0.0]
     """
 
-    def __init__(self, truncated_score: float | None = 0.0, name: str | None = None, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        truncated_score: float | None = 0.0,
+        boxed_only: bool = False,
+        name: str | None = None,
+        weight: float = 1.0,
+    ) -> None:
         super().__init__(name, weight)
         if truncated_score is not None and not math.isfinite(truncated_score):
             raise ValueError(f"truncated_score={truncated_score!r}: give a finite number or None")
+        if not isinstance(boxed_only, bool):
+            raise ValueError(f"boxed_only={boxed_only!r}: give true or false")
         self.truncated_score = truncated_score
+        self.boxed_only = boxed_only
 
     def __call__(
         self,
@@ -107,8 +146,30 @@ class AccuracyReward(RewardFunction):
             if reason == "length" and self.truncated_score is not None:
                 scores.append(float(self.truncated_score))
             else:
-                scores.append(float(is_correct(completion, answer, options)))
+                scores.append(float(self.graded(completion, answer, options)))
         return scores
+
+    def correct(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[bool]:
+        """Graded correct, and not truncated unless ``truncated_score`` is None (a truncated answer is not correct)."""
+        return [
+            (reason != "length" or self.truncated_score is None) and self.graded(completion, answer, options)
+            for completion, answer, options, reason in zip(completions, answers, choices, finish_reasons, strict=True)
+        ]
+
+    def graded(self, completion: str, answer: str, options: list[str] | None) -> bool:
+        """Whether one completion's final answer is the gold ``answer``, under this reward's extraction."""
+        # is_correct reads the last complete \boxed{} first, so when one is there it grades exactly that
+        if self.boxed_only and not extract_boxed(completion):
+            return False
+        return is_correct(completion, answer, options)
 
 
 class TagFormatReward(RewardFunction):
@@ -204,3 +265,45 @@ class BoxedFormatReward(RewardFunction):
         **kwargs: Any,
     ) -> list[float]:
         return [float(bool(extract_boxed(c))) for c in completions]
+
+
+def correct_by_rewards(
+    rewards: list[RewardFunction],
+    completions: list[str],
+    *,
+    answers: list[str],
+    choices: list[list[str] | None],
+    finish_reasons: list[str],
+    **kwargs: Any,
+) -> list[bool]:
+    """Which completions a method's rewards count as correct.
+
+    A completion is correct if every reward that has a notion of correct (``RewardFunction.correct``
+    is not None) says so. With no such reward, it is correct if it ended with EOS and
+    ``is_correct`` grades its answer right.
+
+    Args:
+        rewards: the method's reward functions.
+        completions: the N decoded responses.
+        answers: gold answer per sample.
+        choices: option texts per sample (None for free-form questions).
+        finish_reasons: ``"stop"`` or ``"length"`` per sample.
+        **kwargs: passed on to every reward (as ``vlrl.rewards.score`` passes them).
+
+    Example:
+        >>> from vlrl.rewards import InvalidResponsePenalty
+        >>> texts = [r"\\boxed{4}", "the answer is 4", "wait " * 6 + r"\\boxed{4}"]
+        >>> kwargs = dict(answers=["4"] * 3, choices=[None] * 3, finish_reasons=["stop"] * 3)
+        >>> correct_by_rewards([AccuracyReward()], texts, **kwargs)
+        [True, True, True]
+        >>> correct_by_rewards([AccuracyReward(boxed_only=True), InvalidResponsePenalty()], texts, **kwargs)
+        [True, False, False]
+    """
+    call = {"answers": answers, "choices": choices, "finish_reasons": finish_reasons, **kwargs}
+    verdicts = [v for v in (fn.correct(completions, **call) for fn in rewards) if v is not None]
+    if not verdicts:
+        return [
+            reason == "stop" and is_correct(text, answer, options)
+            for text, answer, options, reason in zip(completions, answers, choices, finish_reasons, strict=True)
+        ]
+    return [all(verdict) for verdict in zip(*verdicts, strict=True)]

@@ -4,20 +4,25 @@ VL-Rethinker (arXiv 2504.08837) rewards a response with its accuracy, except tha
 response (truncated, i.e. no EOS; no complete ``\\boxed{}``; or more than 5 occurrences of "wait")
 scores -0.1. Its released code also scores a valid, correct response that says "wait" once or twice
 of its own accord 1.1. The runner sums weighted reward terms, so both are written as terms to list
-after ``AccuracyReward`` (weight 1, default ``truncated_score=0``)::
+after ``AccuracyReward`` (weight 1, default ``truncated_score=0``; the paper grades the last
+``\\boxed{}`` only, so both terms take ``boxed_only: true``)::
 
     rewards:
-      - class_path: vlrl.rewards.AccuracyReward          # 1 if correct
+      - class_path: vlrl.rewards.AccuracyReward          # 1 if the last \boxed{} is right
+        init_args: {boxed_only: true}
       - class_path: vlrl.rewards.InvalidResponsePenalty   # invalid: -0.1 - accuracy, valid: 0
+        init_args: {boxed_only: true}
       - class_path: vlrl.rewards.NativeWaitBonus          # optional: 1 if valid, correct, 1-2 native waits
         init_args: {weight: 0.1}
 
     total = accuracy + penalty + 0.1 * bonus
           = -0.1 for an invalid response, 1.1 for a correct one with 1-2 native waits, else accuracy
 
-The penalty cancels the accuracy of an invalid response (a response without ``\\boxed{}`` may still
-be graded correct from "the answer is ..."), so the total of an invalid response is exactly the
-penalty. "Native" waits are the ones the model wrote: when a method passes each sample's forced
+The penalty cancels the accuracy of an invalid response (without ``boxed_only``, a response without
+``\\boxed{}`` may still be graded correct from "the answer is ..."), so the total of an invalid
+response is exactly the penalty. Both terms define which responses are correct
+(``RewardFunction.correct``): the penalty's correct ones are valid and right, so forced rethinking
+keeps no sample that would score the penalty. "Native" waits are the ones the model wrote: when a method passes each sample's forced
 rethinking trigger (keyword ``rethink_trigger``, see ``vlrl.callbacks.ForcedRethinking``), the waits
 of the trigger are not counted; without it every "wait" of the text counts.
 """
@@ -29,7 +34,7 @@ import re
 from typing import Any
 
 from vlrl.rewards.extract import extract_boxed
-from vlrl.rewards.functions import RewardFunction
+from vlrl.rewards.functions import AccuracyReward, RewardFunction
 from vlrl.rewards.grading import is_correct
 
 __all__ = ["InvalidResponsePenalty", "NativeWaitBonus", "count_waits", "invalid_reason"]
@@ -73,14 +78,16 @@ class InvalidResponsePenalty(RewardFunction):
 
     A response is invalid if it was truncated (no EOS), has no complete ``\\boxed{}``, or says
     "wait" more than ``max_waits`` times. The term scores ``penalty - accuracy_weight * accuracy``
-    for an invalid response (accuracy graded as ``AccuracyReward`` does, with its default
-    ``truncated_score=0``) and 0 for a valid one, so that summed with ``AccuracyReward`` of weight
-    ``accuracy_weight`` (and this term at weight 1) the total is exactly ``penalty``.
+    for an invalid response (accuracy graded as ``AccuracyReward(truncated_score=0,
+    boxed_only=boxed_only)`` does) and 0 for a valid one, so that summed with that
+    ``AccuracyReward`` of weight ``accuracy_weight`` (and this term at weight 1) the total is exactly
+    ``penalty``. A response is correct by this term (``correct``) if it is valid and right.
 
     Args:
         penalty: Total reward of an invalid response.
         max_waits: More occurrences of "wait" than this make a response invalid.
         accuracy_weight: Weight of the ``AccuracyReward`` this term is summed with.
+        boxed_only: ``boxed_only`` of the ``AccuracyReward`` this term is summed with.
         name: see ``RewardFunction``.
         weight: see ``RewardFunction``; keep 1 for the total above.
 
@@ -89,6 +96,9 @@ class InvalidResponsePenalty(RewardFunction):
         >>> term([r"\\boxed{4}", "The answer is 4.", r"\\boxed{4}"], answers=["4"] * 3,
         ...      choices=[None] * 3, finish_reasons=["stop", "stop", "length"])
         [0.0, -1.1, -0.1]
+        >>> InvalidResponsePenalty(boxed_only=True)(["The answer is 4."], answers=["4"], choices=[None],
+        ...                                         finish_reasons=["stop"])
+        [-0.1]
     """
 
     def __init__(
@@ -96,10 +106,12 @@ class InvalidResponsePenalty(RewardFunction):
         penalty: float = -0.1,
         max_waits: int = 5,
         accuracy_weight: float = 1.0,
+        boxed_only: bool = False,
         name: str | None = None,
         weight: float = 1.0,
     ) -> None:
         super().__init__(name, weight)
+        self.accuracy = AccuracyReward(truncated_score=0.0, boxed_only=boxed_only)  # what it cancels
         for key, value in (("penalty", penalty), ("accuracy_weight", accuracy_weight)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{key}={value!r}: give a finite number such as {-0.1 if key == 'penalty' else 1.0}")
@@ -117,14 +129,36 @@ class InvalidResponsePenalty(RewardFunction):
         finish_reasons: list[str],
         **kwargs: Any,
     ) -> list[float]:
-        scores = []
-        for text, answer, options, reason in zip(completions, answers, choices, finish_reasons, strict=True):
-            if invalid_reason(text, reason, self.max_waits) is None:
-                scores.append(0.0)
-            else:
-                accuracy = 0.0 if reason == "length" else float(is_correct(text, answer, options))
-                scores.append(self.penalty - self.accuracy_weight * accuracy)
+        invalid = [
+            j
+            for j, (text, reason) in enumerate(zip(completions, finish_reasons, strict=True))
+            if invalid_reason(text, reason, self.max_waits) is not None
+        ]
+        accuracy = self.accuracy(  # graded for the invalid responses only
+            [completions[j] for j in invalid],
+            answers=[answers[j] for j in invalid],
+            choices=[choices[j] for j in invalid],
+            finish_reasons=[finish_reasons[j] for j in invalid],
+        )
+        scores = [0.0] * len(completions)
+        for j, acc in zip(invalid, accuracy, strict=True):
+            scores[j] = self.penalty - self.accuracy_weight * acc
         return scores
+
+    def correct(
+        self,
+        completions: list[str],
+        *,
+        answers: list[str],
+        choices: list[list[str] | None],
+        finish_reasons: list[str],
+        **kwargs: Any,
+    ) -> list[bool]:
+        """Valid and graded right (a valid response has a ``\\boxed{}``, so ``boxed_only`` changes nothing here)."""
+        return [
+            invalid_reason(text, reason, self.max_waits) is None and is_correct(text, answer, options)
+            for text, answer, options, reason in zip(completions, answers, choices, finish_reasons, strict=True)
+        ]
 
 
 class NativeWaitBonus(RewardFunction):
