@@ -29,8 +29,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 
 
 @pytest.mark.gpu
-def test_grpo_fit_on_cuda_in_bfloat16():
-    module = make_module(policy=Policy("tiny:qwen2_5_vl", dtype="bfloat16"), kl_coef=0.05)
+def test_grpo_fit_on_cuda_in_bf16_mixed():
+    """The shipped precision on CUDA: float32 master weights, bf16 compute, a bf16 KL reference."""
+    module = make_module(policy=Policy("tiny:qwen2_5_vl", dtype="float32"), kl_coef=0.05)
     devices = []
 
     class DeviceRecorder(Recorder):
@@ -42,13 +43,15 @@ def test_grpo_fit_on_cuda_in_bfloat16():
         callbacks=[DeviceRecorder()],
         accelerator="gpu",
         devices=1,
+        precision="bf16-mixed",
         max_steps=2,
         limit_val_batches=1,
         val_check_interval=2,
     )
     trainer.fit(module, datamodule=make_data())
     assert trainer.global_step == 2
-    assert devices == [("cuda", torch.bfloat16)] * 2
+    assert devices == [("cuda", torch.float32)] * 2
+    assert next(module._ref_model[0].parameters()).dtype == torch.bfloat16
     assert torch.isfinite(trainer.callback_metrics["update/kl_ref"])
     assert trainer.callback_metrics["update/grad_norm"] > 0
 
@@ -88,10 +91,10 @@ def test_fsdp1_overlay_fits_checkpoints_and_resumes_on_cuda(tmp_path, devices):
         "--config",
         str(REPO / "configs/trainer/fsdp.yaml"),
         f"--trainer.devices={devices}",
-        "--trainer.precision=bf16-true",
+        "--trainer.precision=bf16-mixed",
         "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false",
-        "--model.init_args.policy.dtype=bfloat16",
+        "--model.init_args.policy.dtype=float32",
         "--model.init_args.sampling.max_new_tokens=8",
         '--model.init_args.rewards=[{"class_path": "tests.test_grpo.CharReward"}]',
         "--data.init_args.batch_size=2",

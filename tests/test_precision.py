@@ -56,7 +56,9 @@ def test_compute_and_frozen_dtypes_follow_the_trainer_precision():
     assert frozen_dtype_name("float32", "32-true") == "float32"
 
 
-def weight_change(precision: str, dtype: str, lr: float = 1e-6, steps: int = 3) -> tuple[float, float]:
+def weight_change(
+    precision: str, dtype: str, lr: float = 1e-6, steps: int = 3, accelerator: str = "cpu"
+) -> tuple[float, float]:
     """GRPO on the tiny VLM for ``steps`` steps: (norm of the weight change, fraction of weights that changed)."""
     module = make_module(
         policy=Policy("tiny:qwen2_5_vl", dtype=dtype),
@@ -64,7 +66,7 @@ def weight_change(precision: str, dtype: str, lr: float = 1e-6, steps: int = 3) 
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
         max_grad_norm=None,
     )
-    trainer = quiet_trainer(max_steps=steps, precision=precision)
+    trainer = quiet_trainer(max_steps=steps, precision=precision, accelerator=accelerator, devices=1)
     module.configure_model()
     before = {n: p.detach().float().clone() for n, p in module.model.named_parameters()}
     trainer.fit(module, datamodule=make_data(batch_size=2, size=2 * steps))
@@ -74,19 +76,21 @@ def weight_change(precision: str, dtype: str, lr: float = 1e-6, steps: int = 3) 
     return float(delta.norm()), float((delta != 0).float().mean())
 
 
-@pytest.mark.slow
-def test_shipped_precision_at_lr_1e6_moves_the_weights_like_float32():
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_shipped_precision_at_lr_1e6_moves_the_weights_like_float32(accelerator):
     shipped = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())
     precision = shipped["trainer"]["precision"]
     dtype = shipped["model"]["init_args"]["policy"]["dtype"]
-    reference_norm, reference_moved = weight_change("32-true", "float32")
-    norm, moved = weight_change(precision, dtype)
+    reference_norm, reference_moved = weight_change("32-true", "float32", accelerator=accelerator)
+    norm, moved = weight_change(precision, dtype, accelerator=accelerator)
     assert reference_moved > 0.8  # embedding rows of tokens never seen get no gradient
     assert abs(norm / reference_norm - 1) < 0.05, (norm, reference_norm)
     assert moved > 0.95 * reference_moved
     # bf16 weights (the former settings) lose most of the updates: the comparison above can fail
-    bf16_norm, bf16_moved = weight_change("bf16-true", "bfloat16")
-    print(f"fp32 {reference_norm:.3e} moved {reference_moved:.3f}; {precision}+{dtype} {norm:.3e} moved {moved:.3f}; bf16-true {bf16_norm:.3e} moved {bf16_moved:.3f}")
+    bf16_norm, bf16_moved = weight_change("bf16-true", "bfloat16", accelerator=accelerator)
+    print(
+        f"fp32 {reference_norm:.3e} moved {reference_moved:.3f}; {precision}+{dtype} {norm:.3e} moved {moved:.3f}; bf16-true {bf16_norm:.3e} moved {bf16_moved:.3f}"
+    )
     assert bf16_norm / reference_norm < 0.5 and bf16_moved < 0.2, (bf16_norm, bf16_moved)
 
 

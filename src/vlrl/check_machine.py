@@ -112,7 +112,8 @@ def choose_engine(requested: str, device: str) -> tuple[RolloutEngine, str]:
     if requested == "vllm" or (requested == "auto" and has_vllm and device == "cuda"):
         from vlrl.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(gpu_memory_utilization=0.3, sleep_level=1 if device == "cuda" else 0), "vLLM"
+        dtype = "bfloat16" if device == "cuda" else None  # bf16 copies of the float32 master weights
+        return VLLMEngine(gpu_memory_utilization=0.3, sleep_level=1 if device == "cuda" else 0, dtype=dtype), "vLLM"
     if requested == "hf":
         return HFEngine(), "HF generate (--engine hf)"
     reason = "vllm is not importable" if not has_vllm else "vLLM rollouts are checked on CUDA only"
@@ -128,7 +129,7 @@ def check(args: argparse.Namespace) -> Report:
     path = build_qwen2_5_vl(
         work / "model", hidden=args.hidden, layers=args.layers, vision_hidden=64, min_pixels=56 * 56
     )
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    dtype = "float32"  # master weights; on CUDA the compute is bf16 (bf16-mixed), as in the shipped configs
     module = GRPO(
         policy=Policy(str(path), dtype=dtype),
         rewards=[AccuracyReward(), BoxedFormatReward(weight=0.1)],
@@ -148,7 +149,7 @@ def check(args: argparse.Namespace) -> Report:
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
-        precision="bf16-true" if args.device == "cuda" else "32-true",
+        precision="bf16-mixed" if args.device == "cuda" else "32-true",
         max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
