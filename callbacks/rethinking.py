@@ -61,6 +61,7 @@ from vlrl.callbacks.base import RLCallback
 from vlrl.models.inputs import extend_prompt
 from vlrl.rewards import correct_by_rewards
 from vlrl.rollout import Generation, Sampling
+from vlrl.seeding import stream_seed
 from vlrl.types import Rollout
 
 if TYPE_CHECKING:
@@ -234,15 +235,16 @@ class ForcedRethinking(RLCallback):
 
     # --------------------------------------------------------------------------------- the hook
     def on_rollout_end(self, trainer: pl.Trainer, pl_module: RLMethod, rollout: Rollout) -> Rollout:
-        seed = self.seed * 1_000_003 + pl_module.global_step * 1009 + pl_module.global_rank
-        rng = random.Random(seed)
+        step, rank = pl_module.global_step, pl_module.global_rank
+        rng = random.Random(stream_seed(self.seed, "rethinking", step, rank))
         limit = self.max_response_tokens or pl_module.max_new_tokens
         correct = self.grade(pl_module, rollout)
         eligible = self.eligible(rollout, correct, limit)
         selected = [i for i in range(len(rollout)) if eligible[i] and rng.random() < self.fraction]
         plans = [self.plan(rollout, i, correct[i], pl_module.tokenizer, rng, limit) for i in selected]
         plans = [p for p in plans if p.cap > 0]
-        rethought = self.rethink(pl_module, rollout, plans, seed) if plans else []
+        continuation_seed = stream_seed(self.seed, "rethinking/continuation", step, rank)
+        rethought = self.rethink(pl_module, rollout, plans, continuation_seed) if plans else []
         kept = self.keep(rollout, rethought)
         out = self.merge(rollout, kept, pl_module.pad_id)
         out.stats.update(
@@ -343,7 +345,7 @@ class ForcedRethinking(RLCallback):
         )
         # One call for all: a continuation sampled up to the largest cap and then cut at its own cap
         # is distributed as one sampled with that cap.
-        generation = pl_module.rollout_engine.generate(prompts, sampling, seed=seed + 1)
+        generation = pl_module.rollout_engine.generate(prompts, sampling, seed=seed)
         responses, finishes = self._assemble(plans, generation)
         logprobs = self._behaviour_logprobs(pl_module, rollout, plans, responses)
         tokenizer = pl_module.tokenizer
