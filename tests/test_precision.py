@@ -52,8 +52,8 @@ def test_shipped_configs_keep_float32_master_weights(name):
 def test_compute_and_frozen_dtypes_follow_the_trainer_precision():
     assert compute_dtype("bf16-mixed") is torch.bfloat16 and compute_dtype("bf16-true") is torch.bfloat16
     assert compute_dtype("16-mixed") is torch.float16 and compute_dtype("32-true") is None
-    assert frozen_dtype_name("float32", "bf16-mixed") == "bfloat16"
-    assert frozen_dtype_name("float32", "32-true") == "float32"
+    assert frozen_dtype_name("float32", compute_dtype("bf16-mixed")) == "bfloat16"
+    assert frozen_dtype_name("float32", compute_dtype("32-true")) == "float32"
 
 
 def weight_change(

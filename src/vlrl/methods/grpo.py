@@ -115,7 +115,7 @@ class GRPO(RLMethod):
         super().configure_model()
         if self.kl_coef > 0 and self.policy.lora is None and not self._ref_model:
             # frozen: held in the compute dtype (bf16 under bf16-mixed), not in the policy's float32 masters
-            dtype = frozen_dtype_name(self.policy.dtype, self.trainer.precision)
+            dtype = frozen_dtype_name(self.policy.dtype, self.compute_dtype)
             reference = self.reference or Policy(self.policy.model_path, dtype=dtype)
             ref, _ = reference.load()
             if self.device_mesh is not None:  # FSDP2: sharded like the policy (see the module docstring)

@@ -38,11 +38,10 @@ def compute_dtype(precision: str | int | None) -> torch.dtype | None:
     return None
 
 
-def frozen_dtype_name(trained_dtype: str, precision: str | int | None) -> str:
+def frozen_dtype_name(trained_dtype: str, compute: torch.dtype | None) -> str:
     """The dtype (a ``Policy.dtype`` name) for a frozen copy of a trained model: the compute dtype when it is
     half precision (the frozen model only runs forward, in that dtype anyway), else the trained dtype."""
-    half = compute_dtype(precision)
-    return str(half).removeprefix("torch.") if half is not None else trained_dtype
+    return str(compute).removeprefix("torch.") if compute is not None else trained_dtype
 
 
 def check_master_weights(model: torch.nn.Module, name: str, precision: str | int | None) -> float:
