@@ -2,9 +2,10 @@
 
 Open Vision Reasoner trains with a maximum response length of 24k tokens for iterations 0–300, 32k
 up to 700 and 48k after. At the start of every training step the callback sets the module's
-``max_new_tokens`` (the rollout's limit) to the length the schedule gives for ``trainer.global_step``,
-and logs it as ``curriculum/max_new_tokens``. Steps are ``global_step``: policy optimizer steps,
-which is one per rollout with the default ``mini_batch_size`` and ``epochs``.
+``max_new_tokens`` (the rollout's limit; ``vlrl.hooks.RolloutLength``) to the length the schedule
+gives for ``trainer.global_step``, and logs it as ``curriculum/max_new_tokens``. Steps are
+``global_step``: policy optimizer steps, which is one per rollout with the default ``mini_batch_size``
+and ``epochs``.
 
 The length in force is part of the checkpoint (the callback's ``state_dict``): a resumed run starts
 with it before its first step, then follows the configured schedule from the restored step. Schedule
@@ -28,6 +29,8 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+
+from vlrl.hooks import RolloutLength
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +81,11 @@ class SequenceLengthCurriculum(pl.Callback):
         return self.lengths[bisect.bisect_right(self.steps, step) - 1]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from vlrl.methods.base import RLMethod  # here, not at the top: vlrl.methods imports vlrl.callbacks
-
-        if not isinstance(pl_module, RLMethod):
+        if not isinstance(pl_module, RolloutLength):
             raise TypeError(
-                f"SequenceLengthCurriculum sets the rollout length of an RL method (vlrl.methods.RLMethod), "
-                f"got {type(pl_module).__name__}; remove the callback from this run"
+                f"SequenceLengthCurriculum sets the rollout length of an RL method (a module with a settable "
+                f"max_new_tokens, vlrl.hooks.RolloutLength, as vlrl.methods.RLMethod has), got "
+                f"{type(pl_module).__name__}; remove the callback from this run"
             )
         late = [s for s in self.steps if 0 <= trainer.max_steps <= s]
         if stage == "fit" and late:  # a staged run (resumed with a higher max_steps) or a short trial run

@@ -24,6 +24,7 @@ from tests.test_grpo import quiet_trainer
 from vlrl.cli import main
 from vlrl.data import Files, RLDataModule, SFTDataModule
 from vlrl.data.prompts import collate_prompts
+from vlrl.data.trajectories import written_ids
 from vlrl.methods import SOPHIA
 from vlrl.methods.sophia import (
     LONG_COT_SYSTEM_PROMPT,
@@ -32,7 +33,6 @@ from vlrl.methods.sophia import (
     select_trajectories,
     visual_rewards,
 )
-from vlrl.methods.sophia_data import written_ids
 from vlrl.models import Policy
 from vlrl.rewards import CaptionReward, HFReasoner, OpenAIReasoner
 from vlrl.rewards.reasoners import ReasonerOutput

@@ -16,9 +16,9 @@ from tests.test_grpo import quiet_trainer
 from vlrl.cli import VLRLCLI
 from vlrl.data import DataError, Files, PreferencePairs, RLDataModule, SFTDataModule, SyntheticPairs, make_pairs
 from vlrl.data.preference import GENERATION_PROMPT, pair_label
+from vlrl.data.trajectories import TrajectoryWriter
 from vlrl.methods import UnifiedRewardThink
 from vlrl.methods.reward_model import split_judgements
-from vlrl.methods.sophia_data import TrajectoryWriter
 from vlrl.models import Policy
 from vlrl.rewards import HFReasoner, JudgeReward, OpenAIReasoner, PreferenceReward, answer_tag, judged_correctly
 from vlrl.rollout import Sampling

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlrl.data.errors import DataError
 from vlrl.data.images import load_image
 from vlrl.data.loader import ResumableLoader, ResumableSampler
-from vlrl.data.prompts import Prompt, build_messages, check_template, collate_prompts, question_text
+from vlrl.data.prompts import Prompt, build_messages, check_template_fields, collate_prompts, question_text
 from vlrl.data.schema import Row
 from vlrl.data.sources import Source
 
@@ -177,7 +177,7 @@ class RLDataModule(LightningDataModule):
             raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error' or 'skip'")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be 0 (main process) or more")
-        check_template(prompt_template)
+        check_template_fields("prompt_template", prompt_template, {"question"}, {"choices"})
         self.sources: dict[Split, Source | None] = {"train": train, "val": val, "test": test, "predict": predict}
         self.global_batch_size = global_batch_size
         self._batch_size = 8 if batch_size is None and global_batch_size is None else batch_size

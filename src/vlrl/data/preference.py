@@ -39,7 +39,7 @@ from itertools import islice
 from typing import Any, Literal
 
 from vlrl.data.errors import DataError, RowLocation
-from vlrl.data.prompts import prompt_text
+from vlrl.data.prompts import check_template_fields, prompt_text
 from vlrl.data.sources import RawRecord, Source
 from vlrl.data.synthetic import COLOURS, SHAPES, SPLIT_BUCKETS, _bucket, check_args, make_rows, render
 
@@ -226,8 +226,6 @@ class PreferencePairs(Source):
         understanding_prompt: str = UNDERSTANDING_PROMPT,
         system_prompt: str | None = None,
     ) -> None:
-        from vlrl.rewards.caption import check_template_fields  # here: vlrl.rewards imports vlrl.data
-
         check_template_fields("generation_prompt", generation_prompt, {"caption"})
         check_template_fields("understanding_prompt", understanding_prompt, {"question", "answer1", "answer2"})
         super().__init__()

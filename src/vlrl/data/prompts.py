@@ -18,7 +18,6 @@ from PIL import Image
 
 from vlrl.types import PromptBatch
 
-TEMPLATE_FIELDS = ("question", "choices")
 _PLACEHOLDER = re.compile(r"\s*<image\s*\d*>")
 
 
@@ -36,23 +35,32 @@ class Prompt:
     question: str = ""  # the raw question text (see ``question_text``)
 
 
-def check_template(prompt_template: str) -> None:
-    """Raise ``ValueError`` if the template uses a field other than ``{question}`` / ``{choices}``."""
+def check_template_fields(key: str, template: str, required: set[str], optional: set[str] | None = None) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``template`` uses all ``required`` fields and no others.
+
+    The one check of every format-string template in a config: the datamodule's ``prompt_template``,
+    the caption reasoner's and the judge's prompts.
+
+    >>> check_template_fields("prompt", "{caption} {question}", {"caption", "question"})
+    >>> check_template_fields("prompt", "{caption}", {"caption", "question"})
+    Traceback (most recent call last):
+    ...
+    ValueError: prompt='{caption}' lacks the field(s) ['question']; add them (write a literal brace as {{ or }})
+    """
+    braces = "write a literal brace as {{ or }}"
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(prompt_template) if name is not None}
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise ValueError(
-            f"prompt_template={prompt_template!r} is not a valid format string ({error}); "
-            "write literal braces as {{ and }}"
-        ) from error
-    unknown = sorted(names - set(TEMPLATE_FIELDS))
+        raise ValueError(f"{key}={template!r} is not a valid format string ({error}); {braces}") from error
+    allowed = required | (optional or set())
+    unknown = sorted(names - allowed)
     if unknown:
         raise ValueError(
-            f"prompt_template={prompt_template!r} uses unknown field(s) {unknown}; the fields are "
-            "{question} and {choices} (write literal braces as {{ and }})"
+            f"{key}={template!r} uses unknown field(s) {unknown}; the fields are {sorted(allowed)} ({braces})"
         )
-    if "question" not in names:
-        raise ValueError(f"prompt_template={prompt_template!r} has no {{question}} field; add one")
+    missing = sorted(required - names)
+    if missing:
+        raise ValueError(f"{key}={template!r} lacks the field(s) {missing}; add them ({braces})")
 
 
 def strip_image_placeholders(text: str) -> str:

@@ -32,9 +32,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from vlrl.algorithms import entropy_from_logits, token_logprobs, zero_advantage
-from vlrl.callbacks.base import RLCallback
 from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
+from vlrl.hooks import RLCallback
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of

@@ -10,7 +10,7 @@ one config each (``configs/unified_reward_think/``):
    large preference set and writes, under ``output_dir``, the correctly judged pairs with their
    judgement as SFT rows (``rank{r}.jsonl``; train on them again with the stage-1 settings) and the
    wrongly judged pairs (``unkept/rank{r}.jsonl``) for stage 3. A rerun skips the pairs already
-   written (``vlrl.methods.sophia_data.TrajectoryWriter``: each line is synced before the next, an
+   written (``vlrl.data.trajectories.TrajectoryWriter``: each line is synced before the next, an
    interrupted last line is cut off).
 3. GRPO on the wrongly judged pairs, rewarded by ``vlrl.rewards.PreferenceReward`` (accuracy +
    format): ``UnifiedRewardThink`` is ``GRPO`` with the std-normalised advantage's epsilon as an
@@ -40,8 +40,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlrl.algorithms import group_advantages
+from vlrl.data.trajectories import TrajectoryWriter
 from vlrl.methods.grpo import GRPO
-from vlrl.methods.sophia_data import TrajectoryWriter
 from vlrl.metrics import AccuracyBySource
 from vlrl.rewards import TagFormatReward, judged_correctly
 from vlrl.rollout import Sampling

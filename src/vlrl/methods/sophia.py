@@ -13,7 +13,7 @@ the selected trajectory conditioned on the real image. One step, per batch of qu
 
 The paper runs this once, offline, over the whole dataset; vlrl runs it online (``fit``: one step
 per batch, so later descriptions come from the updated policy) and offline (``predict`` writes the
-selected trajectories to JSONL with ``vlrl.methods.sophia_data``; ``vlrl.methods.SFT`` then trains
+selected trajectories to JSONL with ``vlrl.data.trajectories``; ``vlrl.methods.SFT`` then trains
 on them, ``configs/sophia_offline.yaml``). Both train on the same rows: a chat with the datamodule's
 prompt (or, when the trajectory contains ``<think>``, the long-CoT system prompt) and the trajectory
 as the assistant turn, encoded and weighted by SFT's own code.
@@ -47,8 +47,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlrl.algorithms import token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD
+from vlrl.data.trajectories import TrajectoryWriter
 from vlrl.methods.sft import SFT, SFTSample, encode_conversation, padded_batch
-from vlrl.methods.sophia_data import TrajectoryWriter
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import encode_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
@@ -201,7 +201,7 @@ class SOPHIA(SFT):
             Null: always the datamodule's.
         train_vision: Also train the vision tower and projector (the paper freezes them; default
             false sets ``policy.freeze_vision``).
-        output_dir: Folder ``predict`` writes the offline dataset to (see ``vlrl.methods.sophia_data``);
+        output_dir: Folder ``predict`` writes the offline dataset to (see ``vlrl.data.trajectories``);
             a rerun skips the questions already there.
         seed: Seed of the description and reasoner sampling (combined with the step, or with the
             batch index in ``predict``).

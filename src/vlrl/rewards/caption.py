@@ -19,18 +19,17 @@ Example::
 
 from __future__ import annotations
 
-import string
 import time
 from dataclasses import dataclass
 
 import torch
 
-from vlrl.data.prompts import prompt_text
+from vlrl.data.prompts import check_template_fields, prompt_text
 from vlrl.rewards.functions import AccuracyReward
 from vlrl.rewards.reasoners import Messages, Reasoner, ReasonerError, ReasonerOutput
 from vlrl.rollout.base import Sampling
 
-__all__ = ["CaptionReward", "CaptionScores", "check_template_fields"]
+__all__ = ["CaptionReward", "CaptionScores"]
 
 REASONER_SYSTEM_PROMPT = "You are a helpful assistant."
 REASONER_PROMPT = (
@@ -43,31 +42,6 @@ JOINT_PROMPT = (
     "{tentative}\n\n"
     "### Question: {question} Please think step by step. The final answer MUST BE put in \\boxed{{}}."
 )
-
-
-def check_template_fields(key: str, template: str, required: set[str], optional: set[str] | None = None) -> None:
-    """Raise ``ValueError`` naming ``key`` unless ``template`` uses all ``required`` fields and no others.
-
-    >>> check_template_fields("prompt", "{caption} {question}", {"caption", "question"})
-    >>> check_template_fields("prompt", "{caption}", {"caption", "question"})
-    Traceback (most recent call last):
-    ...
-    ValueError: prompt='{caption}' lacks the field(s) ['question']; add them (write a literal brace as {{ or }})
-    """
-    braces = "write a literal brace as {{ or }}"
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as error:
-        raise ValueError(f"{key}={template!r} is not a valid format string ({error}); {braces}") from error
-    allowed = required | (optional or set())
-    unknown = sorted(names - allowed)
-    if unknown:
-        raise ValueError(
-            f"{key}={template!r} uses unknown field(s) {unknown}; the fields are {sorted(allowed)} ({braces})"
-        )
-    missing = sorted(required - names)
-    if missing:
-        raise ValueError(f"{key}={template!r} lacks the field(s) {missing}; add them ({braces})")
 
 
 @dataclass

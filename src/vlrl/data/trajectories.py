@@ -1,16 +1,18 @@
-"""SOPHIA's offline pass on disk: the selected trajectories as SFT rows, written so a rerun resumes.
+"""Offline datasets written by a ``predict`` pass: selected trajectories as SFT rows, written so a rerun resumes.
 
-``lightning-cli predict --config configs/sophia.yaml`` runs ``SOPHIA.predict_step`` over the
-predict split; every question ends up in one of two JSONL files per rank under ``output_dir``::
+Two passes write them: SOPHIA's offline pass (``lightning-cli predict --config configs/sophia.yaml``,
+``SOPHIA.predict_step``: the kept reasoning trajectories) and UnifiedReward-Think's rejection sampling
+(``UnifiedRewardThink.predict_step``: the correctly judged pairs, and the wrong ones for GRPO). Every
+question of the predict split ends up in one of two JSONL files per rank under ``output_dir``::
 
-    output_dir/rank0.jsonl          kept trajectories, one SFT row each (read by vlrl.data.Files)
+    output_dir/rank0.jsonl          kept rows, one SFT row each (read by vlrl.data.Files)
     output_dir/images/<digest>.png  the images those rows point to (relative paths)
-    output_dir/unkept/rank0.jsonl   questions with no kept trajectory, with their visual rewards
+    output_dir/unkept/rank0.jsonl   questions with no kept row, with what the pass recorded about them
 
-A kept row is a chat ``messages`` row that ends with the trajectory as the assistant turn, with
-its loss ``weight`` (R(y)·w), so ``vlrl.data.SFTDataModule`` over ``Files(output_dir)`` trains on
-it as is (``configs/sophia_offline.yaml``); the rest of the row is metadata (``source_id``,
-``question``, ``description``, ``visual_reward``, ``visual_rewards``, ``trajectory_tokens``, ...).
+A kept row is a chat ``messages`` row that ends with the trajectory as the assistant turn (SOPHIA's
+with its loss ``weight`` R(y)·w), so ``vlrl.data.SFTDataModule`` over ``Files(output_dir)`` trains on
+it as is (``configs/sophia_offline.yaml``); the rest of the row is metadata (every row: ``source_id``, the question's
+id; SOPHIA's: ``question``, ``description``, ``visual_reward``, ``visual_rewards``, ``trajectory_tokens``, ...).
 ``Files`` reads the folder's ``*.jsonl`` only, not its subfolders, so unkept questions never become
 training rows.
 
@@ -37,7 +39,7 @@ SOURCE_ID = "source_id"
 
 
 class TrajectoryWriter:
-    """Appends SOPHIA's offline records to the files of one rank under ``output_dir``.
+    """Appends a predict pass's records to the files of one rank under ``output_dir``.
 
     Args:
         output_dir: The folder of the offline dataset (created if missing).
