@@ -11,7 +11,8 @@ nothing to the gradient ("vanishing advantages"). After advantages are computed
    replay buffer with replacement, with probability proportional to ``|A| ** alpha``;
 3. pushes the step's own kept samples into the buffer (FIFO, ``capacity`` samples), with their
    prompt encoding (token ids and image tensors), response tokens, masks, behaviour log-probs,
-   advantage and reward.
+   advantage, reward, the per-token fields set by then (``returns``, ``engine_logprobs``,
+   ``is_weights``) and their plain-valued ``facts``.
 
 Replayed samples are off-policy: their stored behaviour log-probs are ``pi_old``, so the clipped
 ratio of the loss handles them. Each keeps its own prompt encoding (``Rollout.concat``), so the
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from vlrl.methods.base import RLMethod
 
 _SCALAR = (str, int, float, bool, type(None))
+STORED_FIELDS = ("returns", "engine_logprobs", "is_weights")  # per-token Rollout fields kept with a sample
 
 
 class SelectiveSampleReplay(RLCallback):
@@ -172,7 +174,6 @@ class SelectiveSampleReplay(RLCallback):
         """Store the samples at ``index`` of ``rollout`` (oldest samples leave beyond ``capacity``)."""
         keys: dict[int, int] = {}  # id(EncodedPrompt) -> prompt key, so a group shares one encoding
         lengths = rollout.response_mask.sum(dim=1).long()  # [N]
-        listed = {k: v for k, v in rollout.extras.items() if isinstance(v, list)}
         for i in index:
             prompt = rollout.prompts[i]
             if id(prompt) not in keys:
@@ -190,7 +191,10 @@ class SelectiveSampleReplay(RLCallback):
                     "components": {k: float(v[i]) for k, v in rollout.reward_components.items()},
                     "text": rollout.texts[i],
                     "finish_reason": rollout.finish_reasons[i],
-                    "extras": {k: v[i] for k, v in listed.items() if isinstance(v[i], _SCALAR) and k != "replayed"},
+                    **{name: _row(getattr(rollout, name), i, length) for name in STORED_FIELDS},
+                    "facts": {
+                        k: v[i] for k, v in rollout.facts.items() if isinstance(v[i], _SCALAR) and k != "replayed"
+                    },
                     "step": step,
                 }
             )
@@ -217,7 +221,10 @@ class SelectiveSampleReplay(RLCallback):
             return torch.stack([torch.nn.functional.pad(v, (0, width - len(v)), value=fill) for v in values])
 
         names = set.intersection(*(set(e["components"]) for e in entries))
-        extra_keys = list(dict.fromkeys(k for e in entries for k in e["extras"]))
+        fact_names = list(dict.fromkeys(k for e in entries for k in e["facts"]))
+        stored = {  # a per-token field every drawn entry has (entries of before a change of method may lack it)
+            name: stack(name, 0) for name in STORED_FIELDS if all(e.get(name) is not None for e in entries)
+        }
         return Rollout(
             prompts=[encoded[e["prompt"]] for e in entries],
             response_ids=stack("response_ids", pad_id),  # [n, W]
@@ -241,7 +248,8 @@ class SelectiveSampleReplay(RLCallback):
             loss_mask=stack("loss_mask", 0, "response_mask")
             if any(e["loss_mask"] is not None for e in entries)
             else None,
-            extras={k: [e["extras"].get(k) for e in entries] for k in extra_keys},
+            facts={k: [e["facts"].get(k) for e in entries] for k in fact_names},
+            **stored,  # [n, W] each
         )
 
     def _add_prompt(self, prompt: EncodedPrompt, batch: PromptBatch, g: int) -> int:
@@ -298,7 +306,8 @@ class SelectiveSampleReplay(RLCallback):
                 remap[old], self._next_key = self._next_key, self._next_key + 1
                 self.prompts[remap[old]] = prompt
             for entry in saved["entries"]:
-                self.entries.append({**entry, "prompt": remap[entry["prompt"]]})
+                facts = entry.get("facts", entry.get("extras", {}))  # "extras" in checkpoints of earlier versions
+                self.entries.append({**entry, "prompt": remap[entry["prompt"]], "facts": facts})
                 self._refs[remap[entry["prompt"]]] += 1
         if mine:
             self.capacity = mine[0]["capacity"] if self.capacity is None else self.capacity
@@ -311,8 +320,13 @@ class SelectiveSampleReplay(RLCallback):
 
 
 def _flag(rollout: Rollout, replayed: bool) -> Rollout:
-    rollout.extras["replayed"] = [replayed] * len(rollout)
+    rollout.facts["replayed"] = [replayed] * len(rollout)
     return rollout
+
+
+def _row(value: torch.Tensor | None, i: int, length: int) -> torch.Tensor | None:
+    """Sample ``i``'s first ``length`` entries of an ``[N, T]`` field (a copy), or None if the field is unset."""
+    return None if value is None else value[i, :length].clone()  # [L]
 
 
 def _distributed() -> bool:

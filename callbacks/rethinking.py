@@ -38,9 +38,10 @@ Each rank rethinks its own samples, so ranks make different numbers of ``generat
 calls: fine under DDP (no collective in either); not under a strategy that shards the weights
 (FSDP), where every forward is a collective.
 
-Per sample, the rollout gets ``extras``: ``rethought`` (bool), ``rethink_trigger`` (the trigger
+Per sample, the rollout gets ``facts``: ``rethought`` (bool), ``rethink_trigger`` (the trigger
 text, ``""`` if none), ``rethink_trigger_at`` (character offset of the trigger in the response
-text, -1 if none) and ``rethink_original`` (the replaced response text, ``None`` if none); and
+text, -1 if none) and ``rethink_original`` (the replaced response text, ``None`` if none), which
+the rewards receive in ``facts`` (``NativeWaitBonus`` leaves the trigger's waits out); and
 ``stats``: ``rethink/eligible``, ``rethink/selected``, ``rethink/correct`` (selected whose
 continuation is correct) and ``rethink/kept``.
 
@@ -273,21 +274,13 @@ class ForcedRethinking(RLCallback):
     ) -> list[bool]:
         """Whether ``texts`` (responses to the prompts of samples ``indices``) are correct by ``pl_module.rewards``.
 
-        The rewards get what the step's scoring gives them (``vlrl.rewards.correct_by_rewards``), so a
-        sample is judged here exactly as its reward will judge it.
+        The rewards get what the step's scoring gives them (``Rollout.reward_inputs``, with the facts of
+        earlier callbacks and ``triggers`` as ``facts["rethink_trigger"]``; see
+        ``vlrl.rewards.correct_by_rewards``), so a sample is judged here exactly as its reward will judge it.
         """
-        batch, groups = rollout.batch, [int(rollout.group_index[i]) for i in indices]
-        return correct_by_rewards(
-            pl_module.rewards,
-            texts,
-            answers=[batch.answers[g] for g in groups],
-            choices=[batch.choices[g] for g in groups],
-            finish_reasons=finish_reasons,
-            data_sources=[batch.data_sources[g] for g in groups],
-            questions=[batch.questions[g] for g in groups] if batch.questions else None,
-            images=[batch.images[g] for g in groups],
-            rethink_trigger=triggers or [""] * len(texts),
-        )
+        inputs = rollout.reward_inputs(indices)
+        inputs["facts"]["rethink_trigger"] = triggers or [""] * len(texts)
+        return correct_by_rewards(pl_module.rewards, texts, finish_reasons=finish_reasons, **inputs)
 
     def eligible(self, rollout: Rollout, correct: list[bool], limit: int) -> list[bool]:
         """Which samples may be rethought (see the module docstring, step 1)."""
@@ -414,7 +407,7 @@ class ForcedRethinking(RLCallback):
         return kept
 
     def merge(self, rollout: Rollout, kept: list[Rethought], pad_id: int) -> Rollout:
-        """The rollout with the kept rethought samples in place of their originals, and the extras."""
+        """The rollout with the kept rethought samples in place of their originals, and the facts."""
         n = len(rollout)
         width = max([rollout.response_ids.shape[1]] + [len(r.response_ids) for r in kept])
 
@@ -428,7 +421,7 @@ class ForcedRethinking(RLCallback):
         )
         loss_mask = widen(rollout.train_mask, 0) if self.mask_trigger or rollout.loss_mask is not None else None
         texts, finishes = list(rollout.texts), list(rollout.finish_reasons)
-        extras = {
+        facts = {
             "rethought": [False] * n,
             "rethink_trigger": [""] * n,
             "rethink_trigger_at": [-1] * n,
@@ -443,10 +436,10 @@ class ForcedRethinking(RLCallback):
                 if self.mask_trigger:
                     start = len(r.plan.prefix_ids)
                     loss_mask[i, start : start + len(r.plan.trigger_ids)] = 0.0
-            extras["rethink_original"][i] = texts[i]
-            extras["rethought"][i] = True
-            extras["rethink_trigger"][i] = r.plan.trigger
-            extras["rethink_trigger_at"][i] = r.trigger_at
+            facts["rethink_original"][i] = texts[i]
+            facts["rethought"][i] = True
+            facts["rethink_trigger"][i] = r.plan.trigger
+            facts["rethink_trigger_at"][i] = r.trigger_at
             texts[i], finishes[i] = r.text, r.finish_reason
         return replace(
             rollout,
@@ -456,5 +449,5 @@ class ForcedRethinking(RLCallback):
             loss_mask=loss_mask,
             texts=texts,
             finish_reasons=finishes,
-            extras={**rollout.extras, **extras},
+            facts={**rollout.facts, **facts},
         )

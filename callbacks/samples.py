@@ -118,7 +118,7 @@ class RolloutSamples(RLCallback):
 
     def rows(self, rollout: Rollout, step: int) -> list[SampleRow]:
         """The samples to record: rethought ones first, then the rest in rollout order, at most ``max_samples``."""
-        rethought = [bool(_extra(rollout, "rethought", i, False)) for i in range(len(rollout))]
+        rethought = [bool(_fact(rollout, "rethought", i, False)) for i in range(len(rollout))]
         order = sorted(range(len(rollout)), key=lambda i: (not rethought[i], i))[: self.max_samples]
         batch, thumbs = rollout.batch, {}
         rows = []
@@ -143,19 +143,19 @@ class RolloutSamples(RLCallback):
                     finish_reason=rollout.finish_reasons[i],
                     components={k: float(v[i]) for k, v in rollout.reward_components.items()},
                     rethought=rethought[i],
-                    trigger=_extra(rollout, "rethink_trigger", i, ""),
-                    trigger_at=int(_extra(rollout, "rethink_trigger_at", i, -1)),
-                    original=_extra(rollout, "rethink_original", i, None),
-                    replayed=bool(_extra(rollout, "replayed", i, False)),
+                    trigger=_fact(rollout, "rethink_trigger", i, ""),
+                    trigger_at=int(_fact(rollout, "rethink_trigger_at", i, -1)),
+                    original=_fact(rollout, "rethink_original", i, None),
+                    replayed=bool(_fact(rollout, "replayed", i, False)),
                     thumbnail=thumbs[g],
                 )
             )
         return rows
 
 
-def _extra(rollout: Rollout, name: str, i: int, default: Any) -> Any:
-    """Sample ``i``'s value of a list-valued extra, ``default`` where it is absent or None."""
-    values = rollout.extras.get(name)
+def _fact(rollout: Rollout, name: str, i: int, default: Any) -> Any:
+    """Sample ``i``'s value of the fact ``name`` (``Rollout.facts``), ``default`` where it is absent or None."""
+    values = rollout.facts.get(name)
     return default if values is None or values[i] is None else values[i]
 
 

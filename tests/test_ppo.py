@@ -96,7 +96,7 @@ def test_gae_on_a_padded_rollout_matches_hand_worked_values(gamma, lam):
     expected = torch.tensor(HAND_ADVANTAGES[(gamma, lam)])
     torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-6)
     # returns = A + V on the response tokens, 0 on padding (the padded 9s never enter)
-    torch.testing.assert_close(rollout.extras["returns"], (expected + VALUES) * MASK, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rollout.returns, (expected + VALUES) * MASK, rtol=0, atol=1e-6)
 
 
 def test_gamma_and_lambda_one_give_return_minus_value():
@@ -177,7 +177,7 @@ class FixedRollout(RLCallback):
     def on_rollout_end(self, trainer, pl_module, rollout):
         if self.first is None:
             self.first = rollout
-        return replace(self.first, extras={}, stats={})
+        return replace(self.first, facts={}, stats={})
 
 
 class MetricsPerStep(pl.Callback):

@@ -212,7 +212,7 @@ def test_step_reward_is_the_reasoners_accuracy_on_the_sampled_captions():
     assert rollout.rewards.tolist() == expected
     assert rollout.reward_components["reasoner_accuracy"].tolist() == expected
     assert received == sorted(users)  # every caption reached the reasoner, inside the reasoner prompt
-    answers = [texts[0] for texts in rollout.extras["reasoner_texts"]]  # k = 1 answer per caption
+    answers = [texts[0] for texts in rollout.facts["reasoner_texts"]]  # k = 1 answer per caption
     assert all(a.endswith("\\boxed{7}." if e else "\\boxed{0}.") for a, e in zip(answers, expected, strict=True))
     assert "Please describe the image. DO NOT try to answer the question!" in str(rollout.batch.messages[0])
     assert rollout.stats["caption/length"] == rollout.response_mask.sum(1).mean().item()

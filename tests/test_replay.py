@@ -70,7 +70,7 @@ def test_concat_keeps_each_samples_prompt_and_pads_to_the_widest():
     b.response_ids[:, :] = 7
     b.loss_mask = b.response_mask.clone()
     b.loss_mask[0, 1] = 0.0
-    b.extras["flag"] = [True] * 8
+    b.facts["flag"] = [True] * 8
     b.reward_components["extra"] = torch.ones(8)
     out = Rollout.concat([a, b], pad_id=PAD)
     assert len(out) == 12 and out.response_ids.shape == (12, 5)
@@ -79,7 +79,7 @@ def test_concat_keeps_each_samples_prompt_and_pads_to_the_widest():
     assert out.group_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert out.batch.ids == ["a-p0", "b-p0", "b-p1"]
     assert torch.equal(out.loss_mask[:4], a.response_mask) and out.loss_mask[4, 1] == 0
-    assert out.extras["flag"] == [None] * 4 + [True] * 8
+    assert out.facts["flag"] == [None] * 4 + [True] * 8
     assert set(out.reward_components) == {"acc"}  # only the names both have
     assert out.advantages.tolist() == a.advantages.tolist() + b.advantages.tolist()
     assert out.stats is a.stats
@@ -108,7 +108,7 @@ def test_zero_advantage_samples_are_dropped_and_the_rest_buffered():
     assert len(second) == 8 and (second.advantages.abs() > 0).all()  # no zero-advantage sample
     assert second.texts[:4] == ["s1-0", "s1-1", "s1-2", "s1-3"]
     assert all(t.startswith("s0-") for t in second.texts[4:])  # drawn from earlier steps only
-    assert second.extras["replayed"] == [False] * 4 + [True] * 4
+    assert second.facts["replayed"] == [False] * 4 + [True] * 4
     assert stats["replay/replayed_frac"] == 0.5 and stats["replay/buffer_size"] == 8
     assert stats["replay/mean_age"] == 1.0
 
@@ -237,7 +237,7 @@ def test_replayed_samples_recompute_their_behaviour_logprobs():
         rollout.advantages = module.compute_advantages(rollout)
         out, stats = ssr.reshape(rollout, module.pad_id, step=step)
     assert stats["replay/replayed_frac"] > 0 and len(out) == len(rollout)
-    replayed = torch.tensor(out.extras["replayed"])
+    replayed = torch.tensor(out.facts["replayed"])
     assert len(set(out.batch.ids)) == len(out.batch.ids) == 2 + len(set(out.group_index[replayed].tolist()))
     with torch.no_grad():
         recomputed, _ = module.policy_logprobs(module.model, out)  # [N, W]
@@ -252,7 +252,7 @@ class Recorder(RLCallback):
         self.steps: list[list[tuple[str, bool]]] = []
 
     def on_advantages_computed(self, trainer, pl_module, rollout):
-        self.steps.append(list(zip(rollout.texts, rollout.extras["replayed"], strict=True)))
+        self.steps.append(list(zip(rollout.texts, rollout.facts["replayed"], strict=True)))
         return rollout
 
 

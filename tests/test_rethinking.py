@@ -181,7 +181,7 @@ def test_a_kept_rethought_sample_is_correct_by_the_reward(module, batch):
     assert batch.answers[0] != batch.answers[1]
     # sample j continues with continuations[j % 3]: in group 0 (samples 0-3) samples 0 and 3 are boxed and right;
     # is_correct alone would also keep 1 (six waits) and 2 (the phrase), and keep 0 and 1 as the first two
-    assert out.extras["rethought"] == [True, False, False, True, False, False, False, False]
+    assert out.facts["rethought"] == [True, False, False, True, False, False, False, False]
     assert out.stats["rethink/correct"] == 2 == out.stats["rethink/kept"]
     assert scored.rewards[[0, 3]].tolist() == pytest.approx([1.0, 1.0])  # the trigger's "Wait" is not native
 
@@ -219,7 +219,7 @@ def rethink(module, batch, **kwargs) -> tuple[Rollout, Rollout]:
 def test_rethought_samples_have_trigger_and_finite_behaviour_logprobs(module, batch):
     original, out = rethink(module, batch)
     tok = module.tokenizer
-    rethought = out.extras["rethought"]
+    rethought = out.facts["rethought"]
     assert sum(rethought) == 4 == out.stats["rethink/kept"]  # 2 per prompt
     assert out.stats["rethink/selected"] == 8 and out.stats["rethink/eligible"] == 8
     assert out.loss_mask is None
@@ -232,9 +232,9 @@ def test_rethought_samples_have_trigger_and_finite_behaviour_logprobs(module, ba
         if not rethought[i]:
             assert out.texts[i] == original.texts[i]
             continue
-        trigger, at = out.extras["rethink_trigger"][i], out.extras["rethink_trigger_at"][i]
+        trigger, at = out.facts["rethink_trigger"][i], out.facts["rethink_trigger_at"][i]
         assert out.texts[i][at : at + len(trigger)] == trigger
-        assert out.extras["rethink_original"][i] == original.texts[i]
+        assert out.facts["rethink_original"][i] == original.texts[i]
         trigger_ids = tok.encode(trigger, add_special_tokens=False)
         ids = out.response_ids[i][mask].tolist()
         k = next(k for k in range(len(ids)) if ids[k : k + len(trigger_ids)] == trigger_ids)  # where it sits
@@ -254,7 +254,7 @@ def test_mask_trigger_leaves_trigger_tokens_out_of_the_loss(module, batch):
     assert plain.train_mask is plain.response_mask and masked.loss_mask is not None
     dropped = masked.response_mask - masked.loss_mask  # [N, W] 1 exactly on trigger tokens
     tok = module.tokenizer
-    for i, trigger in enumerate(masked.extras["rethink_trigger"]):
+    for i, trigger in enumerate(masked.facts["rethink_trigger"]):
         ids = masked.response_ids[i][dropped[i].bool()].tolist()
         assert ids == (tok.encode(trigger, add_special_tokens=False) if trigger else [])
     assert (dropped >= 0).all() and dropped.sum() > 0
@@ -295,7 +295,7 @@ def test_keep_only_correct_keeps_correct_continuations_only(module, batch):
     correct_in_group0 = 2  # samples 0 and 2 of group 0 answer group 0's question; group 1's answer differs
     assert batch.answers[0] != batch.answers[1]
     assert out.stats["rethink/correct"] == correct_in_group0 == out.stats["rethink/kept"]
-    assert out.extras["rethought"] == [True, False, True, False, False, False, False, False]
+    assert out.facts["rethought"] == [True, False, True, False, False, False, False, False]
     for i in (0, 2):
         assert out.texts[i].endswith(f"so \\boxed{{{answers[0]}}}") and out.finish_reasons[i] == "stop"
         assert (
@@ -331,7 +331,7 @@ def test_ppo_critic_values_cover_the_rethought_responses(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1, callbacks=[rethinking, seen])
     trainer.fit(make_ppo(), datamodule=make_data(batch_size=2))
     out = seen.rollout
-    assert sum(out.extras["rethought"]) == 4  # 2 of each prompt's 4 samples
+    assert sum(out.facts["rethought"]) == 4  # 2 of each prompt's 4 samples
     width = out.response_ids.shape[1]
     assert width > 8  # wider than the first generation (8 tokens): the rethought responses are longer
     assert out.values.shape == out.advantages.shape == (8, width)

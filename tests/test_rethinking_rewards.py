@@ -58,7 +58,7 @@ def test_weighted_sum_gives_the_vl_rethinker_reward():
         answers=["4"] * len(texts),
         choices=[None] * len(texts),
         finish_reasons=finishes,
-        rethink_trigger=triggers,
+        facts={"rethink_trigger": triggers},
     )
     assert out.total.tolist() == pytest.approx(expected, abs=1e-6)
     assert out.components["invalid_response_penalty"].tolist() == pytest.approx(
@@ -137,8 +137,8 @@ def test_bad_settings_are_named(make, message):
         make()
 
 
-def test_the_step_passes_rethinking_extras_to_the_rewards():
-    """A trigger's "Wait" is not native: the step hands ``rethink_trigger`` from the rollout to the rewards."""
+def test_the_step_passes_rethinking_facts_to_the_rewards():
+    """A trigger's "Wait" is not native: the step hands ``facts["rethink_trigger"]`` from the rollout to the rewards."""
     import torch
 
     from vlrl.methods import GRPO
@@ -156,7 +156,7 @@ def test_the_step_passes_rethinking_extras_to_the_rewards():
         finish_reasons=["stop", "stop"],
         group_index=torch.tensor([0, 0]),
         batch=batch,
-        extras={"rethink_trigger": ["", "Wait"]},
+        facts={"rethink_trigger": ["", "Wait"]},
     )
     module = GRPO(
         policy=Policy("tiny:qwen2_5_vl"),

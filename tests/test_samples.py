@@ -45,7 +45,7 @@ def sample_rollout(batch) -> Rollout:
         rewards=torch.arange(8).float() / 10,
         reward_components={"accuracy": torch.zeros(8)},
         advantages=torch.arange(8).float() - 3.5,
-        extras={
+        facts={
             "rethought": rethought,
             "rethink_trigger": [TRIGGER if r else "" for r in rethought],
             "rethink_trigger_at": [6 if r else -1 for r in rethought],

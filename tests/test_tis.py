@@ -120,8 +120,8 @@ def test_with_the_hf_engine_weights_are_one_and_the_loss_is_the_uncorrected_one(
     with torch.no_grad():
         corrected.prepare_update(tis_rollout)
     mask = rollout.response_mask
-    torch.testing.assert_close(tis_rollout.extras["is_weights"], mask, atol=1e-4, rtol=0)
-    assert torch.equal(tis_rollout.extras["engine_logprobs"], engine_logprobs)
+    torch.testing.assert_close(tis_rollout.is_weights, mask, atol=1e-4, rtol=0)
+    assert torch.equal(tis_rollout.engine_logprobs, engine_logprobs)
     torch.testing.assert_close(tis_rollout.logprobs, engine_logprobs, atol=1e-4, rtol=0)  # trainer == engine
     assert tis_rollout.stats["rollout/engine_mismatch_mean_abs_log_ratio"] < 1e-4
     loss_plain, _ = policy_loss_of(plain, rollout)
@@ -138,13 +138,13 @@ def test_a_shifted_engine_gets_the_truncated_ratios_and_the_loss_follows_them():
     # π_trainer / π_engine = e^{-ln 2} = 0.5 on even positions, e^{ln 2} = 2 → truncated to 1.5 on odd ones
     positions = torch.arange(mask.shape[1])
     expected = torch.where(positions % 2 == 0, 0.5, 1.5) * mask  # [N, T]
-    torch.testing.assert_close(rollout.extras["is_weights"], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.is_weights, expected, atol=1e-4, rtol=0)
     n_odd = float((mask * (positions % 2 == 1)).sum())
     assert rollout.stats["rollout/engine_mismatch_truncated_frac"] == pytest.approx(n_odd / float(mask.sum()))
     assert rollout.stats["rollout/engine_mismatch_mean_abs_log_ratio"] == pytest.approx(LN2, abs=1e-4)
     # the weights survive selection: a mini-batch carries its own samples' weights
     picked = rollout.select([3, 0])
-    assert torch.equal(picked.extras["is_weights"], rollout.extras["is_weights"][[3, 0]])
+    assert torch.equal(picked.is_weights, rollout.is_weights[[3, 0]])
     # π_old is the trainer's own log-prob, so before any update the ratio is 1 and each token's policy term is
     # −A·w: token-mean loss = −Σ A_i w_it / Σ mask
     loss, stats = policy_loss_of(module, rollout)
@@ -158,7 +158,7 @@ def test_a_shifted_engine_gets_the_truncated_ratios_and_the_loss_follows_them():
     plain.configure_model()
     plain.model.load_state_dict(module.model.state_dict())
     plain.processor = module.processor
-    shifted = replace(rollout, logprobs=rollout.extras["engine_logprobs"], extras={})
+    shifted = replace(rollout, logprobs=rollout.engine_logprobs, engine_logprobs=None, is_weights=None)
     loss_plain, _ = policy_loss_of(plain, shifted)
     assert abs(loss_plain.item() - loss.item()) > 1e-3
 

@@ -92,8 +92,14 @@ class Rollout:
 
     Samples of one prompt are contiguous (``group_index`` says which prompt). Responses are
     right-padded; ``response_mask`` is 1 on tokens that are trained on (generated tokens up to and
-    including EOS). Fields computed later in the step (rewards, advantages, reference log-probs)
-    start as ``None``.
+    including EOS). Fields computed later in the step (rewards, advantages, reference log-probs,
+    returns, importance weights) start as ``None``; every per-sample field is indexed by ``select``
+    and joined by ``concat`` with the samples.
+
+    What the algorithms pass between the stages of the step has a typed field; what callbacks know
+    about single samples (e.g. ``rethought``, ``rethink_trigger``, ``replayed``, RACRO's
+    ``reasoner_texts``) goes in ``facts``, one list entry per sample. Rewards receive ``facts`` as
+    one keyword (``facts=``), never spread into their other keywords (see ``reward_inputs``).
     """
 
     prompts: list[EncodedPrompt]  # N entries (the same object repeated for the G samples of a prompt)
@@ -111,7 +117,11 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     loss_mask: torch.Tensor | None = None  # [N, T] float; set when the loss trains on fewer tokens than
     # response_mask holds (e.g. inserted rethinking triggers); None = response_mask
-    extras: dict[str, Any] = field(default_factory=dict)  # per-sample lists/tensors added by callbacks
+    returns: torch.Tensor | None = None  # [N, T] the critic's regression targets (GAE returns; PPO)
+    engine_logprobs: torch.Tensor | None = None  # [N, T] the rollout engine's log-probs, kept where `logprobs`
+    # is replaced by the trainer's (truncated importance sampling, GRPO's importance_correction="tis")
+    is_weights: torch.Tensor | None = None  # [N, T] truncated importance weights trainer / engine (TIS)
+    facts: dict[str, list[Any]] = field(default_factory=dict)  # name -> N per-sample values added by callbacks
     stats: dict[str, float] = field(default_factory=dict)  # step-level figures to log; not per sample
 
     def __len__(self) -> int:
@@ -127,6 +137,26 @@ class Rollout:
         """``[N, T]`` tokens the loss is taken over: ``loss_mask`` if set, else ``response_mask``."""
         return self.response_mask if self.loss_mask is None else self.loss_mask
 
+    def reward_inputs(self, index: list[int] | None = None) -> dict[str, Any]:
+        """What the rewards of the samples at ``index`` (default: all) are given besides their texts and finish reasons.
+
+        The keywords of the reward protocol (``vlrl.rewards.functions``): each sample's prompt's
+        ``answers``, ``choices``, ``data_sources``, ``questions`` (None if the batch has none) and
+        ``images``, and ``facts``, the samples' entries of ``Rollout.facts`` under one keyword, so a
+        fact named like a keyword (``answers``, ``images``) cannot shadow it.
+        """
+        items = list(range(len(self))) if index is None else list(index)
+        groups = [int(self.group_index[i]) for i in items]
+        batch = self.batch
+        return {
+            "answers": [batch.answers[g] for g in groups],
+            "choices": [batch.choices[g] for g in groups],
+            "data_sources": [batch.data_sources[g] for g in groups],
+            "questions": [batch.questions[g] for g in groups] if batch.questions else None,
+            "images": [batch.images[g] for g in groups],
+            "facts": {k: [_fact(k, v)[i] for i in items] for k, v in self.facts.items()},
+        }
+
     def select(self, index: torch.Tensor | list[int]) -> Rollout:
         """The samples at ``index`` (repeats allowed), with every per-sample field indexed alike."""
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -140,8 +170,10 @@ class Rollout:
                 out[f.name] = value[idx]
             elif isinstance(value, list):
                 out[f.name] = [value[i] for i in items]
-            elif isinstance(value, dict):
-                out[f.name] = {k: _index(v, idx, items) for k, v in value.items()}
+            elif f.name == "facts":
+                out[f.name] = {k: [_fact(k, v)[i] for i in items] for k, v in value.items()}
+            elif isinstance(value, dict):  # reward_components: name -> [N]
+                out[f.name] = {k: v[idx] for k, v in value.items()}
             else:
                 out[f.name] = value
         return replace(self, **out)
@@ -155,9 +187,10 @@ class Rollout:
         (token ids with ``pad_id``, everything else with 0); ``group_index`` is shifted so that it
         points into the concatenated ``batch``. ``loss_mask`` is kept if any rollout sets it (the
         others contribute their ``response_mask``). Per-sample fields computed later in the step
-        (rewards, advantages, values, reference log-probs) must be set in all rollouts or in none.
-        ``reward_components`` keep the names every rollout has; list-valued ``extras`` missing from
-        a rollout are filled with ``None``; ``stats`` are those of the first rollout.
+        (rewards, advantages, values, reference log-probs, returns, engine log-probs, importance
+        weights) must be set in all rollouts or in none. ``reward_components`` keep the names every
+        rollout has; ``facts`` missing from a rollout are ``None`` for its samples; ``stats`` are
+        those of the first rollout.
         """
         if not rollouts:
             raise ValueError("Rollout.concat needs at least one rollout")
@@ -174,7 +207,7 @@ class Rollout:
             "batch": PromptBatch.concat([r.batch for r in rollouts]),
             "stats": rollouts[0].stats,
         }
-        for name in ("rewards", "advantages", "values", "ref_logprobs"):
+        for name in LATER_FIELDS:
             present = [getattr(r, name) is not None for r in rollouts]
             if any(present) and not all(present):
                 raise ValueError(f"Rollout.concat: `{name}` is set in some rollouts and None in others")
@@ -187,8 +220,15 @@ class Rollout:
             for k in rollouts[0].reward_components
             if k in common
         }
-        out["extras"] = _concat_extras(rollouts, width)
+        names = list(dict.fromkeys(k for r in rollouts for k in r.facts))
+        out["facts"] = {
+            k: [x for r in rollouts for x in (_fact(k, r.facts[k]) if k in r.facts else [None] * len(r))] for k in names
+        }
         return cls(**out)
+
+
+# per-sample tensor fields computed after the rollout: set in every rollout ``Rollout.concat`` joins, or in none
+LATER_FIELDS = ("rewards", "advantages", "values", "ref_logprobs", "returns", "engine_logprobs", "is_weights")
 
 
 def _pad_width(value: torch.Tensor, width: int, fill: float) -> torch.Tensor:
@@ -198,25 +238,11 @@ def _pad_width(value: torch.Tensor, width: int, fill: float) -> torch.Tensor:
     return torch.nn.functional.pad(value, (0, width - value.shape[1]), value=fill)
 
 
-def _concat_extras(rollouts: list[Rollout], width: int) -> dict[str, Any]:
-    keys = list(dict.fromkeys(k for r in rollouts for k in r.extras))
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [r.extras.get(key) for r in rollouts]
-        if any(isinstance(v, torch.Tensor) for v in values):
-            if not all(isinstance(v, torch.Tensor) for v in values):
-                raise ValueError(f"Rollout.concat: tensor extra {key!r} is missing from some rollouts")
-            out[key] = torch.cat([_pad_width(v, width, 0) for v in values])
-        else:
-            out[key] = [
-                x for v, r in zip(values, rollouts, strict=True) for x in (v if v is not None else [None] * len(r))
-            ]
-    return out
-
-
-def _index(value: Any, idx: torch.Tensor, items: list[int]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[idx]
-    if isinstance(value, list):
-        return [value[i] for i in items]
-    raise TypeError(f"Rollout.extras values must be per-sample tensors or lists, got {type(value).__name__}")
+def _fact(name: str, value: Any) -> list[Any]:
+    """``Rollout.facts[name]``, checked to be a list (one entry per sample)."""
+    if not isinstance(value, list):
+        raise TypeError(
+            f"Rollout.facts[{name!r}] is a {type(value).__name__}; facts are lists with one entry per sample "
+            "(a per-token tensor the update needs belongs in a typed Rollout field)"
+        )
+    return value

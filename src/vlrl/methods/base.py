@@ -352,19 +352,13 @@ class RLMethod(pl.LightningModule):
         return rollout
 
     def score(self, rollout: Rollout) -> Rollout:
-        """Rewards of every sample: the weighted sum of the reward functions."""
-        idx = rollout.group_index.tolist()
+        """Rewards of every sample: the weighted sum of the reward functions (callback facts as ``facts=``)."""
         scores = score(
             self.rewards,
             rollout.texts,
-            answers=[rollout.batch.answers[i] for i in idx],
-            choices=[rollout.batch.choices[i] for i in idx],
             finish_reasons=rollout.finish_reasons,
-            data_sources=[rollout.batch.data_sources[i] for i in idx],
-            questions=[rollout.batch.questions[i] for i in idx] if rollout.batch.questions else None,
-            images=[rollout.batch.images[i] for i in idx],
             time_budget_s=self.reward_time_budget_s,
-            **{k: v for k, v in rollout.extras.items() if isinstance(v, list)},  # per-sample facts from callbacks
+            **rollout.reward_inputs(),  # answers, choices, data_sources, questions, images, facts
         )
         rollout.rewards = scores.total
         rollout.reward_components = scores.components

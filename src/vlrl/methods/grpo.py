@@ -154,7 +154,7 @@ class GRPO(RLMethod):
 
     def correct_engine_mismatch(self, rollout: Rollout) -> None:
         """Measure the engine / trainer mismatch of ``rollout``; under ``tis``, set the trainer's log-probs as
-        ``π_old`` (the engine's kept in ``extras["engine_logprobs"]``) and the weights in ``extras["is_weights"]``.
+        ``π_old`` (the engine's kept in ``Rollout.engine_logprobs``) and the weights in ``Rollout.is_weights``.
 
         Runs before the step's first update, so the trainer's log-probs are those of the sampling weights.
         """
@@ -172,8 +172,8 @@ class GRPO(RLMethod):
         if self._trainer is not None:
             self.log_dict(figures, batch_size=1)
         if self.importance_correction == "tis":
-            rollout.extras["engine_logprobs"] = engine
-            rollout.extras["is_weights"] = out.weights  # [N, T], selected with the samples
+            rollout.engine_logprobs = engine  # [N, T]
+            rollout.is_weights = out.weights  # [N, T], selected with the samples
             rollout.logprobs = trainer
 
     def loss(
@@ -197,7 +197,7 @@ class GRPO(RLMethod):
         )
         per_token = out.per_token  # [n, T]
         if self.importance_correction == "tis":
-            per_token = per_token * rollout.extras["is_weights"].to(logprobs.device)  # [n, T]
+            per_token = per_token * rollout.is_weights.to(logprobs.device)  # [n, T]
         policy_term = per_token.detach()
         stats = {
             "update/clip_frac": out.clip_fraction,

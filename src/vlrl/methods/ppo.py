@@ -161,7 +161,7 @@ class PPO(RLMethod):
         # the sequence reward on the last response token, 0 elsewhere (kl_in_reward without a KL term)
         token_rewards = kl_in_reward(rollout.rewards, torch.zeros_like(mask), mask, coef=0.0)  # [N, T]
         advantages, returns = gae(token_rewards, rollout.values, mask, self.gamma, self.lam)  # [N, T] each
-        rollout.extras["returns"] = returns  # the critic's regression targets, selected with the samples
+        rollout.returns = returns  # [N, T] the critic's regression targets, selected with the samples
         rollout.stats["critic/values"] = masked_mean(rollout.values, mask).item()
         rollout.stats["critic/returns"] = masked_mean(returns, mask).item()
         return whiten(advantages, mask) if self.normalize_advantages else advantages  # [N, T]
@@ -200,7 +200,7 @@ class PPO(RLMethod):
         values = self.critic_values(rollout)  # [n, T]
         mask = rollout.train_mask.to(values.device)  # [n, T]
         old = rollout.values.to(values.device)  # [n, T] values at rollout time
-        returns = rollout.extras["returns"].to(values.device)  # [n, T]
+        returns = rollout.returns.to(values.device)  # [n, T]
         per_token = value_loss(values, old, returns, mask, clip_eps=self.value_clip)  # [n, T]
         stats = {"critic/loss": masked_mean(per_token.detach(), mask)}
         if self.value_clip is not None:

@@ -124,7 +124,7 @@ class RACRO(GRPO):
         )
         rollout.rewards = rollout.rewards + result.accuracy  # [N]
         rollout.reward_components["reasoner_accuracy"] = result.accuracy  # [N]
-        rollout.extras["reasoner_texts"] = [[o.text for o in answers] for answers in result.outputs]
+        rollout.facts["reasoner_texts"] = [[o.text for o in answers] for answers in result.outputs]
         rollout.stats.update(result.stats)
         rollout.stats["caption/length"] = rollout.response_mask.sum(dim=1).mean().item()
         return rollout

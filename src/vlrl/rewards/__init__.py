@@ -3,8 +3,9 @@
 - ``extract_answer``: the final answer of a response (last ``\\boxed{}``, ``<answer>``, "answer is").
 - ``is_correct``: does a response's final answer equal the gold (math-verify + multiple choice)?
 - reward functions (``AccuracyReward``, format rewards): callables with one protocol, see
-  ``vlrl.rewards.functions``; ``correct_by_rewards``: which responses a method's rewards count as
-  correct (what forced rethinking keeps).
+  ``vlrl.rewards.functions``; ``reward_kwargs``: the keywords they are called with (callback facts
+  arrive as the one dict ``facts``); ``correct_by_rewards``: which responses a method's rewards count
+  as correct (what forced rethinking keeps).
 - ``score``: runs reward functions with a time budget and failure accounting -> ``RewardScores``.
 - reasoners (``HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``: one batched ``Reasoner`` protocol)
   and ``CaptionReward``, the reasoner's graded accuracy from a caption (RACRO).
@@ -21,6 +22,7 @@ from vlrl.rewards.functions import (
     TagFormatReward,
     ThinkFormatReward,
     correct_by_rewards,
+    reward_kwargs,
 )
 from vlrl.rewards.grading import is_correct
 from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, judged_correctly
@@ -62,5 +64,6 @@ __all__ = [
     "invalid_reason",
     "is_correct",
     "judged_correctly",
+    "reward_kwargs",
     "score",
 ]

@@ -7,8 +7,11 @@ methods treat them alike::
 
 ``completions`` are the N decoded responses; ``answers``/``choices`` the gold answer and the
 option texts (None for free-form) of each sample's prompt; ``finish_reasons`` is ``"stop"`` or
-``"length"`` per sample. Extra keyword arguments (prompts, images, data sources, ...) may be passed
-by a method and are ignored by rewards that don't need them. Each reward has a ``name`` (its key in
+``"length"`` per sample. The runner also passes, and rewards that don't need them ignore through
+``**kwargs``: ``data_sources``, ``questions`` (raw question texts), ``images`` (each prompt's
+images), each a list per sample or None, and ``facts``, what callbacks know about each sample
+(``Rollout.facts``: name -> a list per sample, e.g. ``facts["rethink_trigger"]``), always this one
+dict, never spread into the other keywords. Each reward has a ``name`` (its key in
 metrics) and a ``weight`` (its factor in the total); both are constructor arguments, so a YAML
 config names a reward by ``class_path`` and sets them under ``init_args``.
 
@@ -34,6 +37,7 @@ __all__ = [
     "BoxedFormatReward",
     "TagFormatReward",
     "correct_by_rewards",
+    "reward_kwargs",
 ]
 
 
@@ -267,6 +271,32 @@ class BoxedFormatReward(RewardFunction):
         return [float(bool(extract_boxed(c))) for c in completions]
 
 
+def reward_kwargs(
+    answers: list[str],
+    choices: list[list[str] | None],
+    finish_reasons: list[str],
+    data_sources: list[str] | None = None,
+    questions: list[str] | None = None,
+    images: list[list[Any]] | None = None,
+    facts: dict[str, list[Any]] | None = None,
+) -> dict[str, Any]:
+    """The keywords every reward is called with (the protocol of this module): None where not given, ``facts`` ``{}``.
+
+    Example:
+        >>> sorted(reward_kwargs(["4"], [None], ["stop"], facts={"answers": ["fact"]}).items())[:3]
+        [('answers', ['4']), ('choices', [None]), ('data_sources', None)]
+    """
+    return {
+        "answers": answers,
+        "choices": choices,
+        "finish_reasons": finish_reasons,
+        "data_sources": data_sources,
+        "questions": questions,
+        "images": images,
+        "facts": {} if facts is None else facts,
+    }
+
+
 def correct_by_rewards(
     rewards: list[RewardFunction],
     completions: list[str],
@@ -274,7 +304,10 @@ def correct_by_rewards(
     answers: list[str],
     choices: list[list[str] | None],
     finish_reasons: list[str],
-    **kwargs: Any,
+    data_sources: list[str] | None = None,
+    questions: list[str] | None = None,
+    images: list[list[Any]] | None = None,
+    facts: dict[str, list[Any]] | None = None,
 ) -> list[bool]:
     """Which completions a method's rewards count as correct.
 
@@ -288,7 +321,11 @@ def correct_by_rewards(
         answers: gold answer per sample.
         choices: option texts per sample (None for free-form questions).
         finish_reasons: ``"stop"`` or ``"length"`` per sample.
-        **kwargs: passed on to every reward (as ``vlrl.rewards.score`` passes them).
+        data_sources: data source per sample.
+        questions: raw question text per sample.
+        images: the images of each sample's prompt.
+        facts: what callbacks know about each sample, name -> N values (one keyword, as
+            ``vlrl.rewards.score`` passes it).
 
     Example:
         >>> from vlrl.rewards import InvalidResponsePenalty
@@ -299,7 +336,7 @@ def correct_by_rewards(
         >>> correct_by_rewards([AccuracyReward(boxed_only=True), InvalidResponsePenalty()], texts, **kwargs)
         [True, False, False]
     """
-    call = {"answers": answers, "choices": choices, "finish_reasons": finish_reasons, **kwargs}
+    call = reward_kwargs(answers, choices, finish_reasons, data_sources, questions, images, facts)
     verdicts = [v for v in (fn.correct(completions, **call) for fn in rewards) if v is not None]
     if not verdicts:
         return [

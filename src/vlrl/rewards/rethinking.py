@@ -23,8 +23,8 @@ The penalty cancels the accuracy of an invalid response (without ``boxed_only``,
 response is exactly the penalty. Both terms define which responses are correct
 (``RewardFunction.correct``): the penalty's correct ones are valid and right, so forced rethinking
 keeps no sample that would score the penalty. "Native" waits are the ones the model wrote: when a method passes each sample's forced
-rethinking trigger (keyword ``rethink_trigger``, see ``vlrl.callbacks.ForcedRethinking``), the waits
-of the trigger are not counted; without it every "wait" of the text counts.
+rethinking trigger (the fact ``facts["rethink_trigger"]``, see ``vlrl.callbacks.ForcedRethinking``),
+the waits of the trigger are not counted; without it every "wait" of the text counts.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ class NativeWaitBonus(RewardFunction):
     """1.0 for a valid, correct response with ``min_waits`` to ``max_waits`` native "wait"s, else 0.0.
 
     With weight 0.1 next to ``AccuracyReward`` such a response totals 1.1 (VL-Rethinker's released
-    code). Waits of a forced-rethinking trigger are not native: pass each sample's trigger text as
-    the keyword ``rethink_trigger`` (``""`` for samples without one) to leave them out.
+    code). Waits of a forced-rethinking trigger are not native: each sample's trigger text in
+    ``facts["rethink_trigger"]`` (``""`` or None for samples without one) is left out of the count.
 
     Args:
         min_waits: Fewest native waits that earn the bonus.
@@ -179,7 +179,7 @@ class NativeWaitBonus(RewardFunction):
     Example:
         >>> bonus = NativeWaitBonus(weight=0.1)
         >>> bonus([r"3? Wait, no: \\boxed{4}", r"Wait. \\boxed{4}", r"\\boxed{4}"], answers=["4"] * 3,
-        ...       choices=[None] * 3, finish_reasons=["stop"] * 3, rethink_trigger=["", "Wait.", ""])
+        ...       choices=[None] * 3, finish_reasons=["stop"] * 3, facts={"rethink_trigger": ["", "Wait.", ""]})
         [1.0, 0.0, 0.0]
     """
 
@@ -205,10 +205,10 @@ class NativeWaitBonus(RewardFunction):
         answers: list[str],
         choices: list[list[str] | None],
         finish_reasons: list[str],
-        rethink_trigger: list[str | None] | None = None,
+        facts: dict[str, list[Any]] | None = None,
         **kwargs: Any,
     ) -> list[float]:
-        triggers = rethink_trigger or [None] * len(completions)
+        triggers = (facts or {}).get("rethink_trigger") or [None] * len(completions)
         scores = []
         for text, answer, options, reason, trigger in zip(
             completions, answers, choices, finish_reasons, triggers, strict=True

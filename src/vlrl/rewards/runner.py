@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vlrl.rewards.functions import RewardFunction
+from vlrl.rewards.functions import RewardFunction, reward_kwargs
 
 __all__ = ["RewardScores", "score"]
 
@@ -103,12 +103,20 @@ def _validate(result: Any, n: int, failure_score: float) -> tuple[torch.Tensor |
     return values, None, ""
 
 
-def _check_inputs(reward_fns: Sequence[RewardFunction], n: int, per_sample: dict[str, list]) -> None:
+def _check_inputs(reward_fns: Sequence[RewardFunction], n: int, inputs: dict[str, Any]) -> None:
     names = [fn.name for fn in reward_fns]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"reward names {duplicates} are used twice: set a distinct `name` init arg")
-    for key, values in per_sample.items():
+    facts = inputs["facts"]
+    if not isinstance(facts, dict):
+        raise ValueError(f"facts is a {type(facts).__name__}: give a dict of per-sample lists, name -> N values")
+    lists = {**{k: v for k, v in inputs.items() if k != "facts"}, **{f"facts[{k!r}]": v for k, v in facts.items()}}
+    for key, values in lists.items():
+        if values is None:
+            continue
+        if not isinstance(values, list):
+            raise ValueError(f"{key} is a {type(values).__name__}: give a list with one entry per completion")
         if len(values) != n:
             raise ValueError(f"{key} has {len(values)} entries for {n} completions")
 
@@ -120,11 +128,17 @@ def score(
     answers: list[str],
     choices: list[list[str] | None],
     finish_reasons: list[str],
+    data_sources: list[str] | None = None,
+    questions: list[str] | None = None,
+    images: list[list[Any]] | None = None,
+    facts: dict[str, list[Any]] | None = None,
     time_budget_s: float = 60.0,
     failure_score: float = 0.0,
-    **kwargs: Any,
 ) -> RewardScores:
     """Score N completions with every reward function; never raises because of a reward.
+
+    Every reward is called with the keywords of the protocol (``vlrl.rewards.functions``): the
+    per-sample lists below (None where not given) and ``facts`` (``{}`` where not given).
 
     Args:
         reward_fns: the reward functions (distinct names).
@@ -132,16 +146,20 @@ def score(
         answers: gold answer per sample.
         choices: option texts per sample (None for free-form questions).
         finish_reasons: ``"stop"`` or ``"length"`` per sample.
+        data_sources: data source per sample.
+        questions: raw question text per sample.
+        images: the images of each sample's prompt.
+        facts: what callbacks know about each sample (``Rollout.facts``), name -> N values; given
+            to the rewards as this one dict, so a fact cannot shadow another keyword.
         time_budget_s: the longest one reward call may take.
         failure_score: score given to the samples of a failed reward call.
-        **kwargs: passed on to every reward function (e.g. ``prompts``, ``images``).
 
     Returns:
         The weighted total, the unweighted components and the failure counts.
 
     Raises:
-        ValueError: on caller errors only: duplicate reward names, per-sample lists of the wrong
-            length.
+        ValueError: on caller errors only: duplicate reward names, per-sample lists (or facts) of
+            the wrong length or type.
 
     Example:
         >>> from vlrl.rewards.functions import AccuracyReward, BoxedFormatReward
@@ -151,10 +169,9 @@ def score(
         [1.5, 0.0]
     """
     n = len(completions)
-    per_sample = {"answers": answers, "choices": choices, "finish_reasons": finish_reasons}
-    _check_inputs(reward_fns, n, per_sample)
+    call_kwargs = reward_kwargs(answers, choices, finish_reasons, data_sources, questions, images, facts)
+    _check_inputs(reward_fns, n, call_kwargs)
     _abandoned[:] = [thread for thread in _abandoned if thread.is_alive()]
-    call_kwargs = {**kwargs, **per_sample}
     total = torch.zeros(n)  # [N]
     components: dict[str, torch.Tensor] = {}
     failures: dict[str, int] = {}
