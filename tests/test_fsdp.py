@@ -10,6 +10,7 @@ under the shipped precision (bf16-mixed over float32 shards).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from PIL import Image
 
 from vlrl.models import BlockWrapPolicy, Policy, resolve_model_path
 
@@ -233,3 +235,96 @@ def test_block_wrap_policy_finds_decoder_layers_and_vision_blocks():
     assert len(targets) == model.config.text_config.num_hidden_layers + model.config.vision_config.depth
     only = BlockWrapPolicy(class_names=["Qwen2_5_VLVisionBlock"])._run_policy(model, set(), {})
     assert {type(m).__name__ for m in only} == {"Qwen2_5_VLVisionBlock"}
+
+
+SFT_SCRIPT = """
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.distributed.tensor import DTensor
+
+from tests.test_sophia import make_sophia, rl_data
+from vlrl.data import Files, SFTDataModule
+from vlrl.methods import SFT
+from vlrl.models import FSDP2Strategy, Policy
+from vlrl.rewards import OpenAIReasoner
+
+out, rows, base_url = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+def trainer(steps):
+    return pl.Trainer(
+        accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+        default_root_dir=out,
+    )
+
+
+sft = SFT(
+    policy=Policy("tiny:qwen2_5_vl", dtype="float32"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    max_length=256, micro_batch_size=1,
+)
+reasoner = OpenAIReasoner(base_url, "served", api_key_env=None, timeout_s=30, max_retries=0, max_concurrency=1)
+sophia = make_sophia(reasoner)
+for name, module, data in (
+    ("sft", sft, SFTDataModule(train=Files(rows), batch_size=2, prompt_template="{question}", shuffle=False)),
+    ("sophia", sophia, rl_data(Path(rows))),
+):
+    module.configure_model()  # unsharded here (no trainer yet): the full weights, to compare with after
+    full = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    module.model = None  # the fit loads and shards it again, from the same files
+    fit = trainer(1)
+    fit.fit(module, datamodule=data)
+    params = dict(module.model.named_parameters())
+    moved = sum(not torch.equal(params[n].full_tensor(), full[n]) for n in full)
+    state = {
+        "sharded": all(isinstance(p, DTensor) for p in params.values()),
+        "local_rows": {n: p.to_local().shape[0] for n, p in params.items() if "embed_tokens" in n},
+        "full_rows": {n: p.shape[0] for n, p in full.items() if "embed_tokens" in n},
+        "moved": moved,
+        "metrics": {k: float(v) for k, v in fit.callback_metrics.items()},
+    }
+    torch.save(state, out / f"{name}-rank{fit.global_rank}.pt")
+"""
+
+
+def test_sft_and_sophia_are_sharded_on_two_cpu_ranks(tmp_path):
+    """SFT (and so OVR's cold start and the judge's SFT stages) and SOPHIA go through the same policy core as
+    the RL methods: under FSDP2 their policy is sharded over both ranks and a step trains it."""
+    from tests.openai_server import ServerProcess
+
+    rows = tmp_path / "rows.jsonl"
+    lines = []
+    for i in range(4):
+        Image.new("RGB", (56, 56), (60 * i, 80, 200)).save(tmp_path / f"{i}.png")
+        row = {"id": f"q{i}", "images": [f"{i}.png"], "question": f"What colour is shape {i}?", "answer": "red"}
+        lines.append(json.dumps({**row, "response": "The shape is \\boxed{red}."}))
+    rows.write_text("\n".join(lines) + "\n")
+    script = tmp_path / "fsdp2_sft.py"
+    script.write_text(textwrap.dedent(SFT_SCRIPT))
+    resolve_model_path("tiny:qwen2_5_vl")  # built once here: two ranks building it at once would race
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with ServerProcess(answer="red") as server:  # every trajectory right: SOPHIA keeps one per question
+        run = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(rows), server.base_url],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert run.returncode == 0, run.stderr[-4000:]
+    for name in ("sft", "sophia"):
+        for rank in range(2):
+            state = torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True)
+            assert state["sharded"], name
+            for key, rows_held in state["local_rows"].items():  # each rank holds half of the embedding
+                assert rows_held == state["full_rows"][key] // 2, (name, key)
+            assert state["moved"] > 0, name
+    sft_metrics = torch.load(tmp_path / "sft-rank0.pt", weights_only=True)["metrics"]
+    sophia_metrics = torch.load(tmp_path / "sophia-rank0.pt", weights_only=True)["metrics"]
+    assert sft_metrics["train/loss"] > 0 and sft_metrics["update/grad_norm"] > 0
+    assert sophia_metrics["sophia/kept_question_frac"] == 1.0 and sophia_metrics["update/skipped"] == 0.0

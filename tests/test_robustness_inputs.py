@@ -18,7 +18,7 @@ from tests.test_ppo import make_ppo
 from vlrl.callbacks import Preemption, SelectiveSampleReplay
 from vlrl.cli import main
 from vlrl.data import Files, RLDataModule
-from vlrl.methods.base import NonFiniteGradientsError
+from vlrl.methods.core import NonFiniteGradientsError
 from vlrl.models import Policy
 from vlrl.rewards import (
     AccuracyReward,

@@ -139,7 +139,7 @@ def test_packed_row_equals_the_samples_run_unpacked(model_path):
         images = row["images"] if vlm else []
         user = [{"type": "image"} for _ in images] + [{"type": "text", "text": row["question"]}]
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("response", "ok")}]
-        samples.append(encode_conversation(module.processor, messages, images, module.engine.stop_ids))
+        samples.append(encode_conversation(module.processor, messages, images, module.rollout_engine.stop_ids))
 
     packed = packed_row(samples, mrope_index(module.model))
     assert packed.inputs["input_ids"].shape == (1, sum(s.length for s in samples))

@@ -24,25 +24,20 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from vlrl.algorithms import entropy_from_logits, token_logprobs, zero_advantage
 from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
 from vlrl.hooks import RLCallback
+from vlrl.methods.core import PolicyModule
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
-from vlrl.models.loading import Policy, tokenizer_of
-from vlrl.models.precision import check_master_weights, compute_dtype
-from vlrl.models.sharding import shard_model
+from vlrl.models.loading import Policy
 from vlrl.rewards import RewardFunction, is_correct, score
-from vlrl.rollout import HFEngine, RolloutEngine, Sampling
-from vlrl.seeding import generator, stream_seed
+from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import PromptBatch, Rollout
 
 log = logging.getLogger(__name__)
@@ -51,63 +46,8 @@ log = logging.getLogger(__name__)
 MicroLoss = Callable[[Rollout, torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class NonFiniteGradientsError(RuntimeError):
-    """Raised when too many optimizer steps in a row had NaN/inf gradients."""
-
-
-class NonFiniteGuard:
-    """Measures and clips the gradient norm before an optimizer step; drops NaN/inf gradients.
-
-    A NaN or inf anywhere in the gradients (on any rank) makes the norm non-finite; the gradients are
-    then set to ``None``, so the optimizer step that follows changes neither the weights nor the
-    optimizer's moments, but it still counts (``global_step``, the scheduler), which keeps schedules,
-    checkpoint cadence and the data position aligned. ``max_in_a_row`` such steps in a row raise
-    ``NonFiniteGradientsError``. Shared by the RL methods and ``SFT``. Under a precision plugin with
-    a gradient scaler (``16-mixed``) the scaler already skips such steps and adapts its scale, so the
-    guard leaves them to it.
-
-    Args:
-        max_in_a_row: Non-finite steps in a row (per optimizer name) that stop the run.
-    """
-
-    def __init__(self, max_in_a_row: int = 3) -> None:
-        if max_in_a_row < 1:
-            raise ValueError(f"max_nonfinite_steps={max_in_a_row} must be >= 1 (1: stop at the first NaN/inf)")
-        self.max_in_a_row = max_in_a_row
-        self.in_a_row: dict[str, int] = defaultdict(int)
-
-    def clip_or_drop(
-        self, module: pl.LightningModule, optimizer, max_grad_norm: float | None, name: str
-    ) -> dict[str, float]:
-        """Clip ``optimizer``'s gradients to ``max_grad_norm`` (None: measure only), or drop them if not finite.
-
-        Returns ``{name}/grad_norm`` (before clipping) and ``{name}/nonfinite_skipped`` (1.0 if dropped).
-        """
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        scaler = getattr(module.trainer.precision_plugin, "scaler", None)  # 16-mixed plugins (AMP, FSDP) hold one
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
-        bad = torch.tensor(0.0 if scaler is not None or bool(torch.isfinite(norm)) else 1.0, device=module.device)
-        if module.trainer.world_size > 1:  # ranks must agree: all step or none
-            bad = module.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bool(bad):
-            self.in_a_row[name] = 0
-            return {f"{name}/grad_norm": float(norm), f"{name}/nonfinite_skipped": 0.0}
-        optimizer.zero_grad(set_to_none=True)
-        self.in_a_row[name] += 1
-        where = f"{name} step at global_step {module.global_step}"
-        if self.in_a_row[name] >= self.max_in_a_row:
-            raise NonFiniteGradientsError(
-                f"{self.in_a_row[name]} optimizer steps in a row had NaN/inf gradients (the last: {where}); the "
-                "run stops to keep the last checkpoint good. Look for NaN/inf rewards, losses or inputs (logged "
-                "metrics), lower the learning rate or set max_grad_norm; max_nonfinite_steps sets how many in a "
-                "row are tolerated"
-            )
-        log.warning("NaN/inf gradients in the %s: update skipped (%d in a row)", where, self.in_a_row[name])
-        return {f"{name}/grad_norm": float(norm), f"{name}/nonfinite_skipped": 1.0}
-
-
-class RLMethod(pl.LightningModule):
-    """Shared machinery of the RL methods; subclasses document the method-specific arguments.
+class RLMethod(PolicyModule):
+    """The RL step shared by the RL methods; subclasses document the method-specific arguments.
 
     Args:
         policy: The model being trained (path, dtype, LoRA, quantization, freezing).
@@ -156,7 +96,15 @@ class RLMethod(pl.LightningModule):
         seed: int = 0,
         max_nonfinite_steps: int = 3,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            policy=policy,
+            rollout_engine=rollout_engine,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+            max_nonfinite_steps=max_nonfinite_steps,
+        )
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if micro_batch_size < 1 or epochs < 1:
@@ -169,10 +117,7 @@ class RLMethod(pl.LightningModule):
                 f"mini_batch_size={mini_batch_size} (per device) and global_mini_batch_size={global_mini_batch_size} "
                 "(over all devices) are both set: keep one and set the other to null"
             )
-        self.automatic_optimization = False
-        self.policy = policy
         self.rewards = rewards
-        self.rollout_engine = rollout_engine or HFEngine()
         self.sampling = sampling or Sampling()
         self.eval_sampling = eval_sampling or Sampling(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
         self.group_size = group_size
@@ -180,16 +125,7 @@ class RLMethod(pl.LightningModule):
         self.global_mini_batch_size = global_mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
-        self.max_grad_norm = max_grad_norm
         self.reward_time_budget_s = reward_time_budget_s
-        self.seed = seed
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self.model: torch.nn.Module | None = None
-        self.processor: Any = None
-        self.val_accuracy = AccuracyBySource()
-        self.test_accuracy = AccuracyBySource()
 
     # ----------------------------------------------------------------------------------- setup
     @property
@@ -244,62 +180,11 @@ class RLMethod(pl.LightningModule):
                 f"is a slice of a mini-batch; set micro_batch_size to a divisor of {mini}"
             )
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model, self.processor = self.policy.load()
-        self.model.train()  # from_pretrained returns eval mode; dropout (if any) belongs to training
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 units, before the optimizer is built
-            shard_model(self.model, self.device_mesh, self.compute_dtype)
-        self.rollout_engine.bind(self.model, self.processor)
-
-    @property
-    def compute_dtype(self) -> torch.dtype | None:
-        """The dtype of forward and backward under ``trainer.precision`` (``None``: the parameters' own)."""
-        return compute_dtype(self.trainer.precision) if self._trainer is not None else None
-
     def on_fit_start(self) -> None:
-        check_master_weights(self.model, "policy", self.trainer.precision)
+        super().on_fit_start()
         for reward in self.rewards:  # rewards that hold a model (a judge) load it now, not inside the time budget
             if callable(getattr(reward, "setup", None)):
                 reward.setup(self.device)
-
-    @property
-    def tokenizer(self):
-        return tokenizer_of(self.processor)
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def configure_optimizers(self):
-        return self.optimizer_config(self.model, self.optimizer_factory, self.scheduler_factory, "policy")
-
-    @staticmethod
-    def optimizer_config(
-        module: torch.nn.Module,
-        optimizer: OptimizerCallable,
-        lr_scheduler: LRSchedulerCallable | None,
-        name: str,
-    ) -> dict[str, Any]:
-        """Lightning's optimizer entry for the trainable parameters of ``module`` (named ``name`` in errors)."""
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"no trainable parameters in the {name}: check {name}.freeze_vision / {name}.lora")
-        config: dict[str, Any] = {"optimizer": optimizer(params)}
-        if lr_scheduler is not None:
-            config["lr_scheduler"] = {"scheduler": lr_scheduler(config["optimizer"]), "interval": "step"}
-        return config
-
-    def optimizer_and_scheduler(self, index: int = 0) -> tuple[Any, Any]:
-        """The ``index``-th optimizer of ``configure_optimizers`` (0: the policy's) and its scheduler or None."""
-        optimizers = self.optimizers()
-        optimizer = (optimizers if isinstance(optimizers, list) else [optimizers])[index]
-        schedulers = self.lr_schedulers()
-        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
-        raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        return optimizer, next((s for s in schedulers if s.optimizer is raw), None)
 
     # ------------------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -329,11 +214,10 @@ class RLMethod(pl.LightningModule):
         """Encode the prompts and sample ``group_size`` responses for each."""
         encoded = [encode_prompt(self.processor, m, imgs) for m, imgs in zip(batch.messages, batch.images, strict=True)]
         prompts = [p for p in encoded for _ in range(group_size)]
-        seed = stream_seed(self.seed, "rollout" if self.training else "eval", self.global_step, self.global_rank)
-        out = self.rollout_engine.generate(prompts, sampling, seed=seed)
-        # padding as the pad token (special, so it drops out of the text; id 0 would decode as a character)
-        padded = torch.where(out.response_mask.bool(), out.response_ids, self.pad_id)  # [N, T]
-        texts = self.tokenizer.batch_decode(padded, skip_special_tokens=True)
+        out = self.rollout_engine.generate(
+            prompts, sampling, seed=self.seed_for("rollout" if self.training else "eval")
+        )
+        texts = self.decode(out.response_ids, out.response_mask)
         return Rollout(
             prompts=prompts,
             response_ids=out.response_ids,
@@ -397,7 +281,7 @@ class RLMethod(pl.LightningModule):
         """``epochs`` x mini-batches of policy optimizer steps on the rollout; the mean of their metrics."""
         optimizer, scheduler = self.optimizer_and_scheduler(0)
         size = self.mini_batch_size or len(rollout)
-        step = partial(self.optimizer_step, optimizer=optimizer, scheduler=scheduler)
+        step = partial(self.policy_step, optimizer=optimizer, scheduler=scheduler)
         return self.mini_batch_steps(rollout, size, self.epochs, step, key="mini_batch_size")
 
     def mini_batch_steps(
@@ -411,7 +295,7 @@ class RLMethod(pl.LightningModule):
                 f"{key}={size} does not divide the update batch of {n} samples "
                 f"(prompts per step x group_size={self.group_size}); pick a divisor of {n}"
             )
-        shuffle = generator(self.seed, f"mini_batches/{key}", self.global_step, self.global_rank)
+        shuffle = torch.Generator().manual_seed(self.seed_for(f"mini_batches/{key}"))
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for _ in range(epochs):
@@ -422,7 +306,7 @@ class RLMethod(pl.LightningModule):
                 count += 1
         return {k: v / count for k, v in sums.items()}
 
-    def optimizer_step(self, mini: Rollout, optimizer, scheduler) -> dict[str, float]:
+    def policy_step(self, mini: Rollout, optimizer, scheduler) -> dict[str, float]:
         """One policy optimizer step on a mini-batch, accumulated over micro-batches."""
         stats = self.accumulate_gradients(mini, self.policy_micro_loss)
         stats.update(self.step_optimizer(optimizer, scheduler, prefix="update"))
@@ -449,10 +333,10 @@ class RLMethod(pl.LightningModule):
         """
         world = self.trainer.world_size
         # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
-        num_tokens = self.all_reduce_sum(mini.train_mask.sum().to(self.device))
+        num_tokens = self.all_reduce(mini.train_mask.sum().to(self.device))
         # the seq-mean aggregations average over sequences with at least one trained token
         non_empty = (mini.train_mask.sum(dim=1) > 0).sum()  # sequences of this rank's mini-batch
-        num_sequences = int(self.all_reduce_sum(non_empty.to(self.device)).item())
+        num_sequences = int(self.all_reduce(non_empty.to(self.device)).item())
         stats: dict[str, float] = defaultdict(float)
         for micro in self.micro_batches(mini):
             loss, parts = micro_loss(micro, num_tokens, num_sequences)
@@ -461,33 +345,6 @@ class RLMethod(pl.LightningModule):
             for k, v in parts.items():
                 stats[k] += float(v) * weight
         return stats
-
-    def step_optimizer(
-        self, optimizer, scheduler, prefix: str = "update", advance_global_step: bool = True
-    ) -> dict[str, float]:
-        """Clip the gradients of ``optimizer``'s parameters, step it, zero them, step its scheduler.
-
-        Only the policy's steps advance ``global_step`` (Lightning counts every ``LightningOptimizer.step``):
-        with ``advance_global_step=False`` (a critic's optimizer) the step goes through the strategy
-        directly, with the same precision handling and hooks, but uncounted. Metrics are named
-        ``{prefix}/grad_norm``, ``{prefix}/nonfinite_skipped`` and ``{prefix}/lr``.
-        """
-        stats = self.nonfinite.clip_or_drop(self, optimizer, self.max_grad_norm, prefix)  # NaN/inf: no update
-        if advance_global_step:
-            optimizer.step()
-        else:
-            raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-            self.trainer.strategy.optimizer_step(raw, closure=lambda: None)
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        stats[f"{prefix}/lr"] = optimizer.param_groups[0]["lr"]
-        return stats
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size == 1:
-            return value.float()
-        return self.trainer.strategy.reduce(value.float(), reduce_op="sum")
 
     def policy_logprobs(
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
@@ -524,18 +381,6 @@ class RLMethod(pl.LightningModule):
         correct = [is_correct(t, a, c) for t, a, c in zip(rollout.texts, batch.answers, batch.choices, strict=True)]
         metric.update(correct, batch.data_sources)
         self.log(f"{stage}/response_length", rollout.response_mask.sum(1).mean(), batch_size=len(batch), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_accuracy(self.val_accuracy, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_accuracy(self.test_accuracy, "test")
-
-    def log_accuracy(self, metric: AccuracyBySource, stage: str) -> None:
-        values = metric.compute()
-        self.log(f"{stage}/accuracy", values.pop("accuracy"), prog_bar=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        metric.reset()
 
     # -------------------------------------------------------------------------------- metrics
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:

@@ -28,7 +28,6 @@ from vlrl.models.loading import Policy
 from vlrl.rewards import RewardFunction
 from vlrl.rewards.caption import CaptionReward, check_template_fields
 from vlrl.rollout import Sampling
-from vlrl.seeding import stream_seed
 from vlrl.types import PromptBatch, Rollout
 
 CAPTION_SYSTEM_PROMPT = (
@@ -90,7 +89,7 @@ class RACRO(GRPO):
 
     def reasoner_seed(self) -> int:
         """Seed of the reasoner's sampling: a function of the run seed, the step and the rank."""
-        return stream_seed(self.seed, "reasoner", self.global_step, self.global_rank)
+        return self.seed_for("reasoner")
 
     # ------------------------------------------------------------------------- the RL step
     def caption_batch(self, batch: PromptBatch) -> PromptBatch:

@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import PeftModel
@@ -48,13 +47,12 @@ from PIL import Image
 
 from vlrl.algorithms import aggregate_loss, token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD, ends_with_assistant
-from vlrl.methods.base import NonFiniteGuard
+from vlrl.methods.core import PolicyModule
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, extend_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
-from vlrl.models.precision import check_master_weights
 from vlrl.rewards import is_correct
-from vlrl.rollout import HFEngine, Sampling
+from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import EncodedPrompt, PromptBatch
 
 
@@ -218,7 +216,7 @@ def padded_batch(samples: list[SFTSample], pad_id: int) -> MicroBatch:
     return MicroBatch(inputs, weights, trained)
 
 
-class SFT(pl.LightningModule):
+class SFT(PolicyModule):
     """Supervised fine-tuning with an assistant-only loss, optional sample packing and row weights.
 
     Args:
@@ -241,6 +239,9 @@ class SFT(pl.LightningModule):
             gold answers (``val/accuracy``); the loss (``val/loss``) is always reported.
         max_nonfinite_steps: A step whose gradients hold NaN/inf is skipped (weights and optimizer
             state unchanged, counted as ``update/nonfinite_skipped``); this many in a row stop the run.
+        rollout_engine: Generates for ``eval_sampling`` (and SOPHIA's descriptions); default: HF
+            ``generate`` on the policy itself.
+        seed: The run's seed; the evaluation (and SOPHIA's) sampling streams derive from it.
     """
 
     def __init__(
@@ -254,56 +255,28 @@ class SFT(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         eval_sampling: Sampling | None = None,
         max_nonfinite_steps: int = 3,
+        rollout_engine: RolloutEngine | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            policy=policy,
+            rollout_engine=rollout_engine,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            max_grad_norm=max_grad_norm,
+            seed=seed,
+            max_nonfinite_steps=max_nonfinite_steps,
+        )
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length={max_length} must be at least 2 tokens (or null for no limit)")
         if pack and max_length is None:
             raise ValueError("pack=true needs max_length (the tokens of one packed row), e.g. max_length: 4096")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be at least 1")
-        self.automatic_optimization = False
-        self.policy = policy
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
         self.max_length = max_length
         self.pack = pack
         self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
         self.eval_sampling = eval_sampling
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self.engine = HFEngine()
-        self.model: torch.nn.Module | None = None
-        self.processor: Any = None
-        self.val_accuracy = AccuracyBySource()
-        self.test_accuracy = AccuracyBySource()
-
-    # ----------------------------------------------------------------------------------- setup
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model, self.processor = self.policy.load()
-        self.model.train()
-        self.engine.bind(self.model, self.processor)
-
-    def on_fit_start(self) -> None:
-        check_master_weights(self.model, "policy", self.trainer.precision)
-
-    @property
-    def pad_id(self) -> int:
-        return self.engine.pad_id
-
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters: check policy.freeze_vision / policy.lora")
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
 
     # ----------------------------------------------------------------------------- the SFT step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -314,7 +287,7 @@ class SFT(pl.LightningModule):
                 f"every sample of batch {batch_idx} has a prompt longer than max_length={self.max_length}; raise it"
             )
         micro_batches = self.micro_batches(samples)  # 2. packed rows or padded micro-batches
-        stats.update(self.optimizer_step(micro_batches))  # 3. one optimizer step on the whole batch
+        stats.update(self.sft_step(micro_batches))  # 3. one optimizer step on the whole batch
         tokens = sum(s.length for s in samples)
         stats["perf/step_s"] = time.perf_counter() - start
         stats["perf/tokens_per_s"] = tokens / stats["perf/step_s"]
@@ -323,7 +296,7 @@ class SFT(pl.LightningModule):
 
     def encode(self, batch: PromptBatch) -> tuple[list[SFTSample], dict[str, float]]:
         """The batch's conversations as samples (cut to ``max_length``), and counts of what was cut."""
-        stop_ids = self.engine.stop_ids
+        stop_ids = self.rollout_engine.stop_ids
         samples, truncated, dropped = [], 0, 0
         for i, (messages, images) in enumerate(zip(batch.messages, batch.images, strict=True)):
             sample = encode_conversation(self.processor, messages, images, stop_ids)
@@ -351,9 +324,9 @@ class SFT(pl.LightningModule):
         logits = self.model(**inputs, use_cache=False).logits[:, :-1]  # [n, L - 1, V] predicting tokens 1..L-1
         return -token_logprobs(logits, inputs["input_ids"][:, 1:])  # [n, L - 1]
 
-    def optimizer_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    def sft_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         """Weighted token-mean NLL over all micro-batches on all devices, then one optimizer step."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer, scheduler = self.optimizer_and_scheduler(0)
         world = self.trainer.world_size
         num_tokens = self.all_reduce(sum(mb.trained[:, 1:].sum() for mb in micro_batches), "sum")
         # every device must run as many backward passes as the others (each one syncs gradients):
@@ -368,20 +341,9 @@ class SFT(pl.LightningModule):
             self.manual_backward(loss * world)
             total += float(loss.detach())
         stats = {"train/loss": total, "train/tokens": float(num_tokens)}
-        stats.update(self.nonfinite.clip_or_drop(self, optimizer, self.max_grad_norm, "update"))  # NaN/inf: no update
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        stats["update/lr"] = optimizer.param_groups[0]["lr"]
+        stats.update(self.step_optimizer(optimizer, scheduler))  # NaN/inf: no update
         stats["train/micro_batches"] = float(len(micro_batches))
         return stats
-
-    def all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
-        value = value.float().to(self.device)
-        if self.trainer.world_size == 1:
-            return value
-        return self.trainer.strategy.reduce(value, reduce_op=op)
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -413,22 +375,7 @@ class SFT(pl.LightningModule):
             messages = batch.messages[i]
             first = next(k for k, m in enumerate(messages) if m["role"] == "assistant")
             prompts.append(encode_prompt(self.processor, messages[:first], batch.images[i]))
-        out = self.engine.generate(prompts, self.eval_sampling, seed=0)
-        padded = torch.where(out.response_mask.bool(), out.response_ids, self.pad_id)  # [n, T]; pad drops out
-        texts = tokenizer_of(self.processor).batch_decode(padded, skip_special_tokens=True)
+        out = self.rollout_engine.generate(prompts, self.eval_sampling, seed=self.seed_for("eval"))
+        texts = self.decode(out.response_ids, out.response_mask)
         correct = [is_correct(t, batch.answers[i], batch.choices[i]) for t, i in zip(texts, graded, strict=True)]
         metric.update(correct, [batch.data_sources[i] for i in graded])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_accuracy(self.val_accuracy, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_accuracy(self.test_accuracy, "test")
-
-    def log_accuracy(self, metric: AccuracyBySource, stage: str) -> None:
-        if self.eval_sampling is None or not metric.update_called:
-            return
-        values = metric.compute()
-        self.log(f"{stage}/accuracy", values.pop("accuracy"), prog_bar=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        metric.reset()

@@ -48,9 +48,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlrl.algorithms import token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD
 from vlrl.data.trajectories import TrajectoryWriter
-from vlrl.methods.sft import SFT, SFTSample, encode_conversation, padded_batch
+from vlrl.methods.sft import SFT, MicroBatch, SFTSample, encode_conversation, padded_batch
 from vlrl.metrics import AccuracyBySource
-from vlrl.models.inputs import encode_prompt, to_device
+from vlrl.models.inputs import encode_prompt, map_micro_batches, to_device
 from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.rewards import CaptionReward, HFReasoner, is_correct
 from vlrl.rewards.reasoners import ReasonerOutput
@@ -116,21 +116,21 @@ def clipped_importance_weights(policy_logprobs: torch.Tensor, behaviour_logprobs
     return torch.exp(policy_logprobs - behaviour_logprobs).clamp(min=0.0, max=1.0 + eps)  # [M]
 
 
-@torch.no_grad()
 def mean_logprobs(
     model: torch.nn.Module, samples: list[SFTSample], pad_id: int, temperature: float = 1.0, micro_batch_size: int = 8
 ) -> torch.Tensor:
-    """``[M]`` mean log-prob of each sample's trained (assistant) tokens under ``model``."""
-    device = next(model.parameters()).device
-    means = []
-    for start in range(0, len(samples), micro_batch_size):
-        micro = padded_batch(samples[start : start + micro_batch_size], pad_id)
-        inputs = to_device(micro.inputs, device, next(model.parameters()).dtype)
+    """``[M]`` mean log-prob of each sample's trained (assistant) tokens under ``model`` (no gradient)."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+
+    def means(micro: MicroBatch) -> torch.Tensor:
+        inputs = to_device(micro.inputs, device, dtype)
         logits = model(**inputs, use_cache=False).logits[:, :-1]  # [n, L - 1, V] predicting tokens 1..L-1
         logprobs = token_logprobs(logits, inputs["input_ids"][:, 1:], temperature).cpu()  # [n, L - 1]
         trained = micro.trained[:, 1:]  # [n, L - 1]
-        means.append((logprobs * trained).sum(dim=1) / trained.sum(dim=1).clamp(min=1.0))  # [n]
-    return torch.cat(means) if means else torch.zeros(0)
+        return (logprobs * trained).sum(dim=1) / trained.sum(dim=1).clamp(min=1.0)  # [n]
+
+    size = micro_batch_size
+    return map_micro_batches(means, (padded_batch(samples[i : i + size], pad_id) for i in range(0, len(samples), size)))
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -247,7 +247,7 @@ class SOPHIA(SFT):
             raise ValueError(f"importance_clip={importance_clip} must be >= 0")
         if train_vision and policy.freeze_vision:
             raise ValueError("train_vision=true contradicts policy.freeze_vision=true; set one of them")
-        super().__init__(policy=replace(policy, freeze_vision=not train_vision), **kwargs)
+        super().__init__(policy=replace(policy, freeze_vision=not train_vision), seed=seed, **kwargs)
         self.eval_sampling = self.eval_sampling or Sampling(temperature=0.0)
         self.visual_reward = visual_reward  # a plain object: never a submodule, never in the checkpoint
         self.descriptions_per_image = descriptions_per_image
@@ -260,7 +260,6 @@ class SOPHIA(SFT):
         self.importance_clip = importance_clip
         self.long_cot_system_prompt = long_cot_system_prompt
         self.output_dir = output_dir
-        self.seed = seed
         self.writer: TrajectoryWriter | None = None
         self.predicted: Counter[str] = Counter()
 
@@ -284,7 +283,7 @@ class SOPHIA(SFT):
         """Seed of one step's sampling: the run seed, the step (or predict batch) and the rank; the reasoner
         samples with the seed of its own stream, ``reasoner_seed(seed)``."""
         purpose = "descriptions" if self.training else "descriptions/predict"
-        return stream_seed(self.seed, purpose, index, self.global_rank)
+        return self.seed_for(purpose, index)
 
     @staticmethod
     def reasoner_seed(seed: int) -> int:
@@ -348,14 +347,9 @@ class SOPHIA(SFT):
             messages = [*system[: bool(self.description_system_prompt)], {"role": "user", "content": user}]
             prompts.append(encode_prompt(self.processor, messages, images))
         repeated = [p for p in prompts for _ in range(self.descriptions_per_image)]
-        out = self.engine.generate(repeated, self.description_sampling, seed=seed)
+        out = self.rollout_engine.generate(repeated, self.description_sampling, seed=seed)
         truncated = torch.tensor([r == "length" for r in out.finish_reasons], dtype=torch.float32)  # [B*K]
         return self.decode(out.response_ids, out.response_mask), out.response_mask.sum(dim=1), truncated
-
-    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        # padding as the pad token (special, so it drops out of the text; id 0 would decode as a character)
-        padded = torch.where(response_mask.bool(), response_ids, self.pad_id)  # [n, T]
-        return tokenizer_of(self.processor).batch_decode(padded, skip_special_tokens=True)
 
     def trajectory_rows(self, batch: PromptBatch, step: SemiOffPolicyStep) -> PromptBatch:
         """The kept trajectories as SFT rows: the question's chat + the trajectory, with weight and metadata."""
@@ -393,7 +387,7 @@ class SOPHIA(SFT):
         """``[M]`` clipped length-normalised ratios π_θ(y | image, question) / μ(y | description, question)."""
         reasoner = self.visual_reward.reasoner
         policy = [
-            encode_conversation(self.processor, m, images, self.engine.stop_ids)
+            encode_conversation(self.processor, m, images, self.rollout_engine.stop_ids)
             for m, images in zip(rows.messages, rows.images, strict=True)
         ]
         prompts = self.visual_reward.build_prompts(
@@ -419,17 +413,15 @@ class SOPHIA(SFT):
         """SFT's optimizer step on the samples; with none kept on any device, a step without gradients."""
         total = self.all_reduce(torch.tensor(float(len(samples))), "sum")
         if total == 0:
-            optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()  # no parameter has a gradient: the weights stay, the step and schedule advance
-            if scheduler is not None:
-                scheduler.step()
-            return {"update/skipped": 1.0, "update/lr": optimizer.param_groups[0]["lr"]}
+            optimizer, scheduler = self.optimizer_and_scheduler(0)
+            optimizer.zero_grad(set_to_none=True)  # no parameter has a gradient: the weights stay,
+            stats = self.step_optimizer(optimizer, scheduler)  # the step and the schedule advance
+            return {"update/skipped": 1.0, "update/lr": stats["update/lr"]}
         if not samples:  # others kept some: join their gradient sync with a sample that trains nothing
             filler = self.policy_messages(batch.messages[0], step.descriptions[0][0])
-            sample = encode_conversation(self.processor, filler, batch.images[0], self.engine.stop_ids)
+            sample = encode_conversation(self.processor, filler, batch.images[0], self.rollout_engine.stop_ids)
             samples = [replace(sample, loss_mask=torch.zeros_like(sample.loss_mask), weight=0.0)]
-        return {"update/skipped": 0.0, **self.optimizer_step(self.micro_batches(samples))}
+        return {"update/skipped": 0.0, **self.sft_step(self.micro_batches(samples))}
 
     # ------------------------------------------------------------------------ the offline pass
     def on_predict_start(self) -> None:
@@ -498,7 +490,7 @@ class SOPHIA(SFT):
         prompts = [
             encode_prompt(self.processor, m, images) for m, images in zip(batch.messages, batch.images, strict=True)
         ]
-        out = self.engine.generate(prompts, self.eval_sampling, seed=0)
+        out = self.rollout_engine.generate(prompts, self.eval_sampling, seed=self.seed_for("eval"))
         texts = self.decode(out.response_ids, out.response_mask)
         correct = [is_correct(t, a, c) for t, a, c in zip(texts, batch.answers, batch.choices, strict=True)]
         metric.update(correct, batch.data_sources)
