@@ -23,7 +23,7 @@ VLLM_EXTRAS := "lightning>=2.5,<2.7" "jsonargparse[signatures]>=4.35" "peft>=0.1
 	"math-verify>=0.8" "pytest>=8" pytest-timeout
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install install-vllm demo test test-main test-vllm lint clean
+.PHONY: install install-vllm demo test test-main test-fast test-vllm lint clean
 
 install: $(STAMP)
 
@@ -61,6 +61,9 @@ test: test-main test-vllm  # in this order: the main lane, then (if it passed) t
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  # the pure-function and unit tests (the files listed in tests/conftest.py), under 2 minutes
+	$(BIN)/python -m pytest -q -m fast $(PYTEST_ARGS)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q tests/vllm $(PYTEST_ARGS)

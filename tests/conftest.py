@@ -31,7 +31,30 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The fast lane (``make test-fast``, ``pytest -m fast``): the files of pure-function and unit tests, which
+# build at most a tiny model and run no multi-step fit. A test in one of them marked ``slow`` stays out; a
+# test elsewhere joins with ``@pytest.mark.fast``. Add a new file of unit tests here.
+FAST_FILES = frozenset(
+    {
+        "test_algorithms.py",
+        "test_data.py",
+        "test_layout.py",
+        "test_metrics.py",
+        "test_plan.py",
+        "test_reasoners.py",
+        "test_rethinking_rewards.py",
+        "test_rewards.py",
+        "test_rollout_fields.py",
+        "test_throughput.py",
+        "test_tis.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in FAST_FILES and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.fast)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
