@@ -109,12 +109,12 @@ class SelectiveSampleReplay(RLCallback):
         self._generator: torch.Generator | None = None
 
     # --------------------------------------------------------------------------------- the hook
+    @property
+    def update_batch_size(self) -> int | None:
+        """The update batch this callback refills to (``batch_size``), checked by the method's update plan."""
+        return self.batch_size
+
     def on_advantages_computed(self, trainer: pl.Trainer, pl_module: RLMethod, rollout: Rollout) -> Rollout:
-        if self.batch_size is not None and pl_module.mini_batch_size and self.batch_size % pl_module.mini_batch_size:
-            raise ValueError(
-                f"SelectiveSampleReplay batch_size={self.batch_size} is not a multiple of the method's "
-                f"mini_batch_size={pl_module.mini_batch_size}; make it one"
-            )
         out, stats = self.reshape(rollout, pl_module.pad_id, step=trainer.global_step, rank=trainer.global_rank)
         out.stats.update(stats)  # logged by the step
         return out

@@ -284,7 +284,7 @@ def test_a_shipped_config_trains_with_the_papers_batch_on_one_node_and_on_eight(
         module.trainer = trainer
         module.setup("fit")  # the per-device mini-batch
         rollout = data.batch_size * module.group_size  # samples per device
-        module.check_batch_sizes(rollout)
+        module.plan_update(data.batch_size, data.describe_batch())
         assert module.group_size == PAPER_GROUP_SIZE.get(name, module.group_size)
         assert rollout // (module.mini_batch_size or rollout) == STEPS_PER_ROLLOUT[name]
         curricula = [c for c in trainer.callbacks if isinstance(c, SequenceLengthCurriculum)]

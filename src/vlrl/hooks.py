@@ -28,7 +28,16 @@ __all__ = ["RLCallback", "RolloutLength"]
 
 
 class RLCallback(pl.Callback):
-    """Base class for callbacks that act inside the RL step. Override either hook."""
+    """Base class for callbacks that act inside the RL step. Override either hook.
+
+    A callback that reshapes the update batch to a fixed size (``on_advantages_computed``) says so with
+    ``update_batch_size`` (samples per device; ``None``: it keeps the rollout's size), so the step's batch
+    sizes are checked against it before any weights load (``vlrl.methods.plan``).
+    """
+
+    @property
+    def update_batch_size(self) -> int | None:
+        return None
 
     def on_rollout_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollout: Rollout) -> Rollout:
         return rollout

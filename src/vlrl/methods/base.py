@@ -33,6 +33,7 @@ from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
 from vlrl.hooks import RLCallback
 from vlrl.methods.core import PolicyModule
+from vlrl.methods.plan import UpdatePlan, plan_update
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy
@@ -76,6 +77,8 @@ class RLMethod(PolicyModule):
             optimizer state unchanged, counted as ``update/nonfinite_skipped``); this many in a row
             stop the run with an error.
     """
+
+    critic_steps: int | None = None  # critic optimizer steps per rollout; a method with a critic sets it
 
     def __init__(
         self,
@@ -123,6 +126,7 @@ class RLMethod(PolicyModule):
         self.group_size = group_size
         self.mini_batch_size = mini_batch_size  # per device; derived in ``setup`` from global_mini_batch_size
         self.global_mini_batch_size = global_mini_batch_size
+        self.plan: UpdatePlan | None = None  # derived in ``setup`` from the data, the callbacks and these sizes
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
         self.reward_time_budget_s = reward_time_budget_s
@@ -138,47 +142,36 @@ class RLMethod(PolicyModule):
         self.sampling.max_new_tokens = int(value)
 
     def setup(self, stage: str) -> None:
-        """Split ``global_mini_batch_size`` over the devices, then check the batch sizes against the data,
-        before ``configure_model`` loads any weights."""
+        """Derive and check the update plan (``vlrl.methods.plan``) before ``configure_model`` loads any weights."""
         if self._trainer is None:
             return
-        if self.global_mini_batch_size is not None:
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and isinstance(datamodule, RLDataModule):
+            self.plan = self.plan_update(datamodule.batch_size, datamodule.describe_batch())
+        elif self.global_mini_batch_size is not None:
             world_size, num_nodes = self.trainer.world_size, self.trainer.num_nodes
             key = "model.global_mini_batch_size"
             self.mini_batch_size = per_device(self.global_mini_batch_size, key, world_size, num_nodes)
-        datamodule = self.trainer.datamodule
-        if stage == "fit" and isinstance(datamodule, RLDataModule):
-            self.check_batch_sizes(datamodule.batch_size * self.group_size)
 
-    def check_batch_sizes(self, rollout_size: int) -> None:
-        """Raise if ``mini_batch_size``/``micro_batch_size`` do not fit a rollout of ``rollout_size`` samples
-        (per device)."""
-        from vlrl.callbacks.replay import SelectiveSampleReplay  # here: vlrl.callbacks imports vlrl.methods
-
-        replay = [c.batch_size for c in self.trainer.callbacks if isinstance(c, SelectiveSampleReplay) and c.batch_size]
-        update_size = replay[0] if replay else rollout_size  # replay refills the update batch to its batch_size
-        datamodule = self.trainer.datamodule
-        prompts = (
-            datamodule.describe_batch()
-            if isinstance(datamodule, RLDataModule)
-            else f"data.batch_size={rollout_size // self.group_size}"
+    def plan_update(self, prompts: int, prompts_source: str) -> UpdatePlan:
+        """The update plan of a step of ``prompts`` prompts per device (named ``prompts_source`` in errors), with
+        the callbacks' update batch and the critic's steps; sets the per-device ``mini_batch_size``."""
+        reshaping = [c for c in self.trainer.callbacks if isinstance(c, RLCallback) and c.update_batch_size]
+        plan = plan_update(
+            prompts=prompts,
+            prompts_source=prompts_source,
+            group_size=self.group_size,
+            micro_batch_size=self.micro_batch_size,
+            mini_batch_size=None if self.global_mini_batch_size is not None else self.mini_batch_size,
+            global_mini_batch_size=self.global_mini_batch_size,
+            world_size=self.trainer.world_size,
+            num_nodes=self.trainer.num_nodes,
+            update_batch_size=reshaping[0].update_batch_size if reshaping else None,
+            update_batch_source=f"{type(reshaping[0]).__name__}.batch_size" if reshaping else "",
+            critic_steps=self.critic_steps,
         )
-        source = "SelectiveSampleReplay.batch_size" if replay else f"{prompts} prompts x group_size={self.group_size}"
-        mini = self.mini_batch_size or update_size
-        named = f"mini_batch_size={mini}"
-        if self.global_mini_batch_size is not None:
-            world_size = self.trainer.world_size
-            named += f" (model.global_mini_batch_size={self.global_mini_batch_size} / {world_size} devices)"
-        if update_size % mini:
-            raise ValueError(
-                f"{named} does not divide the update batch of {update_size} samples ({source}); "
-                f"pick a divisor of {update_size}"
-            )
-        if self.micro_batch_size > mini and self.mini_batch_size is not None:
-            raise ValueError(
-                f"micro_batch_size={self.micro_batch_size} is larger than {named}: a micro-batch "
-                f"is a slice of a mini-batch; set micro_batch_size to a divisor of {mini}"
-            )
+        self.mini_batch_size = plan.mini_batch_size
+        return plan
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -40,11 +40,13 @@ from vlrl.algorithms import (
     kl_in_reward,
     masked_mean,
     policy_loss,
+    policy_objective,
     value_clip_fraction,
     value_loss,
 )
 from vlrl.algorithms import normalize_advantages as whiten
 from vlrl.methods.base import RLMethod
+from vlrl.models.inputs import map_micro_batches
 from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.models.precision import check_master_weights
 from vlrl.models.sharding import shard_model
@@ -153,7 +155,7 @@ class PPO(RLMethod):
     @torch.no_grad()
     def compute_values(self, rollout: Rollout) -> torch.Tensor:
         mask = rollout.train_mask  # [N, T]
-        values = torch.cat([self.critic_values(micro).to(mask.device) for micro in self.micro_batches(rollout)])
+        values = map_micro_batches(lambda m: self.critic_values(m).to(mask.device), self.micro_batches(rollout))
         return values * mask  # [N, T], 0 off the response tokens
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
@@ -175,23 +177,19 @@ class PPO(RLMethod):
         num_tokens: torch.Tensor,
         num_sequences: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = rollout.train_mask.to(logprobs.device)  # [n, T]
-        out = policy_loss(
+        out = policy_objective(
             logprobs,
-            rollout.logprobs.to(logprobs.device),
-            rollout.advantages.to(logprobs.device),  # [n, T]
-            mask,
-            eps_low=self.eps_low,
-            eps_high=self.eps_high,
+            rollout.logprobs,
+            rollout.advantages,  # [n, T]
+            rollout.train_mask,
+            policy_term=partial(policy_loss, eps_low=self.eps_low, eps_high=self.eps_high),
+            entropy=entropy,
+            mode=self.loss_aggregation,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            max_len=self.sampling.max_new_tokens,
         )
-        loss = self.aggregate(out.per_token, mask, num_tokens, num_sequences)
-        stats = {
-            "update/policy_loss": masked_mean(out.per_token.detach(), mask),
-            "update/clip_frac": out.clip_fraction,
-            "update/approx_kl": out.approx_kl,
-            "update/entropy": masked_mean(entropy.detach(), mask),
-        }
-        return loss, stats
+        return out.loss, out.metrics()
 
     def critic_loss(
         self, rollout: Rollout, num_tokens: torch.Tensor, num_sequences: int
@@ -220,12 +218,6 @@ class PPO(RLMethod):
         )
 
     # ---------------------------------------------------------------------------------- updates
-    def check_batch_sizes(self, rollout_size: int) -> None:
-        """Also: ``critic_steps`` must split the rollout into equal critic mini-batches (checked before
-        any weights load)."""
-        super().check_batch_sizes(rollout_size)
-        self.check_critic_steps(rollout_size)
-
     def check_critic_steps(self, n: int) -> None:
         if n % self.critic_steps:
             raise ValueError(
