@@ -8,12 +8,16 @@ from vlrl.algorithms.advantages import gae, group_advantages, kl_in_reward, norm
 from vlrl.algorithms.logprobs import token_logprobs
 from vlrl.algorithms.losses import (
     AggregationMode,
+    KLEstimator,
     PolicyLossOutput,
+    PolicyObjective,
+    PolicyTerm,
     aggregate_loss,
     entropy_from_logits,
     kl_penalty,
     masked_mean,
     policy_loss,
+    policy_objective,
     value_clip_fraction,
     value_loss,
 )
@@ -22,7 +26,10 @@ from vlrl.algorithms.tis import ImportanceCorrection, truncated_importance_weigh
 __all__ = [
     "AggregationMode",
     "ImportanceCorrection",
+    "KLEstimator",
     "PolicyLossOutput",
+    "PolicyObjective",
+    "PolicyTerm",
     "aggregate_loss",
     "entropy_from_logits",
     "gae",
@@ -32,6 +39,7 @@ __all__ = [
     "masked_mean",
     "normalize_advantages",
     "policy_loss",
+    "policy_objective",
     "token_logprobs",
     "truncated_importance_weights",
     "value_clip_fraction",

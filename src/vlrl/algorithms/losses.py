@@ -5,12 +5,18 @@ it into the scalar that is back-propagated. Keeping the two apart lets one aggre
 the policy loss, the value loss and the KL term, and makes the gradient-accumulation arithmetic
 explicit in a single place.
 
+``policy_objective`` is the one loss path of the RL methods (GRPO and its family, PPO): a policy term
+(``policy_loss``, the PPO clip, or any other ``PolicyTerm``), optional per-token importance weights,
+an optional KL to a reference, an optional entropy bonus, then the aggregation. A new loss variant
+(e.g. GSPO's sequence ratio) is a new ``PolicyTerm`` function handed to it; the rest is shared.
+
 Conventions: ``N`` samples, ``T`` response tokens (right-padded); ``mask`` is 1 on trained tokens
 and 0 elsewhere (float or bool).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +30,7 @@ from vlrl.algorithms.logprobs import chunk_grid
 _MAX_LOG_RATIO = 20.0
 
 AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -124,7 +131,7 @@ def policy_loss(
     )
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k2", "k3"] = "k3") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k3") -> Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from the log-probs of tokens sampled from π.
 
     With ``d = logprobs − ref_logprobs`` (Schulman, "Approximating KL divergence"):
@@ -148,6 +155,132 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", 
         neg = (-log_ratio).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [N, T] ref − logp
         return neg.exp() - neg - 1.0
     raise ValueError(f"estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}.")
+
+
+PolicyTerm = Callable[[Tensor, Tensor, Tensor, Tensor], PolicyLossOutput]
+"""A policy term ``(logprobs, old_logprobs, advantages, mask) -> PolicyLossOutput`` for ``policy_objective``.
+
+``policy_loss`` (PPO clip) is one, its constants bound with ``functools.partial``:
+``partial(policy_loss, eps_low=0.2, eps_high=0.28)``. A new variant (GSPO's sequence ratio, CISPO's clipped
+weight) is another function of this signature whose ``per_token`` is its loss per token (0 on padding) and
+whose ``ratio`` / ``clip_fraction`` / ``approx_kl`` are its own measures of the same things.
+"""
+
+
+@dataclass
+class PolicyObjective:
+    """What ``policy_objective`` returns: the scalar to back-propagate and its metrics (detached scalars)."""
+
+    loss: Tensor  # scalar, the aggregated loss (carries the gradient)
+    policy_loss: Tensor  # scalar, masked mean of the (importance-weighted) policy term per token
+    clip_fraction: Tensor  # scalar, fraction of trained tokens whose gradient a clip cut off
+    dual_clip_fraction: Tensor  # scalar, the part of ``clip_fraction`` due to the dual clip
+    ratio_mean: Tensor  # scalar, masked mean of the ratio π_θ / π_old
+    approx_kl: Tensor  # scalar, k3 estimate of KL(π_old ‖ π_θ)
+    kl_ref: Tensor | None  # scalar, masked mean of the KL estimate to the reference; None without a reference
+    entropy: Tensor | None  # scalar, masked mean entropy; None without entropies
+
+    def metrics(self, prefix: str = "update") -> dict[str, Tensor]:
+        """The figures named ``{prefix}/policy_loss``, ``clip_frac``, ``dual_clip_frac``, ``ratio_mean``,
+        ``approx_kl``, and ``kl_ref`` / ``entropy`` when they were measured."""
+        figures = {
+            "policy_loss": self.policy_loss,
+            "clip_frac": self.clip_fraction,
+            "dual_clip_frac": self.dual_clip_fraction,
+            "ratio_mean": self.ratio_mean,
+            "approx_kl": self.approx_kl,
+            "kl_ref": self.kl_ref,
+            "entropy": self.entropy,
+        }
+        return {f"{prefix}/{name}": value for name, value in figures.items() if value is not None}
+
+
+def policy_objective(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    policy_term: PolicyTerm = policy_loss,
+    is_weights: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    mode: AggregationMode = "token-mean",
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> PolicyObjective:
+    """The loss of one micro-batch of an RL policy update, and its metrics.
+
+    Per token, ``L = w·policy_term + kl_coef·KL(π_θ ‖ π_ref) − entropy_coef·H``, then
+    ``aggregate_loss(L, mask, mode, ...)``: ``w`` are the importance weights (1 without them), ``KL`` the
+    ``kl_estimator`` estimate from ``kl_penalty`` (0 without a reference) and ``H`` the entropy of the
+    policy's distribution at the token (with gradient when ``entropy_coef`` is not 0).
+
+    Example (one sequence of two tokens, ratio 1, A = 1, weights 0.5 and 2, token-mean):
+    ``policy_loss`` gives ``−1`` per token, weighted ``[−0.5, −2]``, loss ``−1.25``.
+
+    Args:
+        logprobs: ``[N, T]`` log-probs of the sampled tokens under the policy being trained (with gradient).
+        old_logprobs: ``[N, T]`` log-probs under the behaviour policy (``π_old`` of the ratio).
+        advantages: ``[N]`` (one per sequence) or ``[N, T]``.
+        mask: ``[N, T]``, 1 on trained tokens.
+        policy_term: The per-token policy loss (see ``PolicyTerm``); default ``policy_loss`` with its
+            default clip range.
+        is_weights: ``[N, T]`` per-token importance weights multiplying the policy term (truncated
+            importance sampling); ``None``: no weighting. Treated as constants.
+        ref_logprobs: ``[N, T]`` log-probs under the reference policy; when given the KL to it is measured
+            (``kl_ref``) and, with ``kl_coef`` not 0, added to the loss.
+        kl_coef: Weight of the KL term in the loss; not 0 needs ``ref_logprobs``.
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (see ``kl_penalty``).
+        entropy: ``[N, T]`` entropies of the policy at each position; when given their mean is measured.
+        entropy_coef: Weight of the entropy bonus (subtracted from the loss); not 0 needs ``entropy``.
+        mode: Aggregation rule of ``aggregate_loss``.
+        num_tokens: Trained tokens of the whole mini-batch on all devices (``aggregate_loss``).
+        num_sequences: Sequences with a trained token in the whole mini-batch on all devices.
+        max_len: Fixed length of ``seq-mean-token-sum-norm``.
+
+    Returns:
+        A ``PolicyObjective``. Every input is moved to ``logprobs``' device.
+    """
+    device = logprobs.device
+    if kl_coef and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} adds a KL to the reference, but no ref_logprobs were given")
+    if entropy_coef and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} adds an entropy bonus, but no entropy was given")
+    for name, value in (("is_weights", is_weights), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+        if value is not None and value.shape != logprobs.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}, logprobs {tuple(logprobs.shape)}: give one per token"
+            )
+    mask = mask.to(device)  # [N, T]
+    out = policy_term(logprobs, old_logprobs.to(device), advantages.to(device), mask)
+    per_token = out.per_token  # [N, T]
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(device)  # [N, T]
+    policy_mean = masked_mean(per_token.detach(), mask)
+    kl_ref = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs.to(device), kl_estimator)  # [N, T]
+        kl_ref = masked_mean(kl.detach(), mask)
+        if kl_coef:
+            per_token = per_token + kl_coef * kl  # [N, T]
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy  # [N, T]
+    loss = aggregate_loss(per_token, mask, mode, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
+    return PolicyObjective(
+        loss=loss,
+        policy_loss=policy_mean,
+        clip_fraction=out.clip_fraction,
+        dual_clip_fraction=out.dual_clip_fraction,
+        ratio_mean=masked_mean(out.ratio.detach(), mask),
+        approx_kl=out.approx_kl,
+        kl_ref=kl_ref,
+        entropy=None if entropy is None else masked_mean(entropy.detach(), mask),
+    )
 
 
 def value_loss(

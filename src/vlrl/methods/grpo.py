@@ -25,19 +25,14 @@ Run: ``lightning-cli fit --config configs/demo/grpo.yaml`` (tiny model, CPU) or
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Literal
 
 import torch
 
-from vlrl.algorithms import (
-    aggregate_loss,
-    group_advantages,
-    kl_penalty,
-    masked_mean,
-    policy_loss,
-    truncated_importance_weights,
-)
+from vlrl.algorithms import group_advantages, policy_loss, policy_objective, truncated_importance_weights
 from vlrl.methods.base import RLMethod
+from vlrl.models.inputs import map_micro_batches
 from vlrl.models.loading import Policy
 from vlrl.models.precision import frozen_dtype_name
 from vlrl.models.sharding import shard_model
@@ -98,6 +93,8 @@ class GRPO(RLMethod):
             )
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (got {dual_clip}) or null")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 (got {kl_coef}); 0 loads no reference model")
         if importance_correction not in ("none", "measure", "tis"):
             raise ValueError(f"importance_correction={importance_correction!r} must be 'none', 'measure' or 'tis'")
         if tis_cap <= 0:
@@ -143,14 +140,10 @@ class GRPO(RLMethod):
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``[N, T]`` log-probs of the rollout under the reference (the adapter-disabled policy under LoRA)."""
-        parts = []
-        for micro in self.micro_batches(rollout):
-            if self._ref_model:
-                parts.append(self.policy_logprobs(self._ref_model[0], micro)[0])
-            else:
-                with self.model.disable_adapter() if self.policy.lora is not None else nullcontext():
-                    parts.append(self.policy_logprobs(self.model, micro)[0])
-        return torch.cat(parts).detach()  # [N, T]
+        model = self._ref_model[0] if self._ref_model else self.model
+        adapters_off = self.policy.lora is not None and not self._ref_model
+        with self.model.disable_adapter() if adapters_off else nullcontext():
+            return map_micro_batches(lambda m: self.policy_logprobs(model, m)[0], self.micro_batches(rollout))  # [N, T]
 
     def correct_engine_mismatch(self, rollout: Rollout) -> None:
         """Measure the engine / trainer mismatch of ``rollout``; under ``tis``, set the trainer's log-probs as
@@ -158,7 +151,9 @@ class GRPO(RLMethod):
 
         Runs before the step's first update, so the trainer's log-probs are those of the sampling weights.
         """
-        trainer = torch.cat([self.policy_logprobs(self.model, m)[0].float().cpu() for m in self.micro_batches(rollout)])
+        trainer = map_micro_batches(
+            lambda m: self.policy_logprobs(self.model, m)[0].float().cpu(), self.micro_batches(rollout)
+        )  # [N, T]
         trainer = trainer * rollout.response_mask  # [N, T], 0 on padding like the engine's
         engine = rollout.logprobs  # [N, T]
         out = truncated_importance_weights(trainer, engine.float(), rollout.train_mask, cap=self.tis_cap)
@@ -184,39 +179,21 @@ class GRPO(RLMethod):
         num_tokens: torch.Tensor,
         num_sequences: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = rollout.train_mask.to(logprobs.device)  # [n, T]
-        old = rollout.logprobs.to(logprobs.device)  # [n, T]
-        out = policy_loss(
+        out = policy_objective(
             logprobs,
-            old,
-            rollout.advantages.to(logprobs.device),
-            mask,
-            eps_low=self.eps_low,
-            eps_high=self.eps_high,
-            dual_clip=self.dual_clip,
-        )
-        per_token = out.per_token  # [n, T]
-        if self.importance_correction == "tis":
-            per_token = per_token * rollout.is_weights.to(logprobs.device)  # [n, T]
-        policy_term = per_token.detach()
-        stats = {
-            "update/clip_frac": out.clip_fraction,
-            "update/approx_kl": out.approx_kl,
-            "update/entropy": masked_mean(entropy.detach(), mask),
-        }
-        if self.kl_coef > 0:
-            kl = kl_penalty(logprobs, rollout.ref_logprobs.to(logprobs.device), self.kl_estimator)  # [n, T]
-            per_token = per_token + self.kl_coef * kl
-            stats["update/kl_ref"] = masked_mean(kl.detach(), mask)
-        if self.entropy_coef:
-            per_token = per_token - self.entropy_coef * entropy
-        loss = aggregate_loss(
-            per_token,
-            mask,
-            self.loss_aggregation,
+            rollout.logprobs,
+            rollout.advantages,
+            rollout.train_mask,
+            policy_term=partial(policy_loss, eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip),
+            is_weights=rollout.is_weights if self.importance_correction == "tis" else None,
+            ref_logprobs=rollout.ref_logprobs if self.kl_coef > 0 else None,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
+            mode=self.loss_aggregation,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
             max_len=self.sampling.max_new_tokens,
         )
-        stats["update/policy_loss"] = masked_mean(policy_term, mask)
-        return loss, {k: v.detach() for k, v in stats.items()}
+        return out.loss, out.metrics()

@@ -8,11 +8,15 @@ encodings with ``collate``, so generation and the recomputed log-probs see ident
 Layout of a collated batch: prompts left-padded to ``P``, then responses right-padded to ``T``::
 
     [pad pad p p p p | r r r EOS pad]      attention 0 on pads, positions follow the mask
+
+``cut_at_stop`` turns what ``generate`` returned into that response layout; ``map_micro_batches`` runs a
+no-gradient forward (log-probs, values) over micro-batches and joins the results.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -22,6 +26,8 @@ from vlrl.types import EncodedPrompt
 
 # Per-token keys a processor may return; everything else is per-image and concatenated on dim 0.
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+Batch = TypeVar("Batch")
 
 
 def encode_prompt(processor: Any, messages: list[dict], images: list[Image.Image]) -> EncodedPrompt:
@@ -98,3 +104,35 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
         k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
         for k, v in batch.items()
     }
+
+
+def cut_at_stop(
+    response: torch.Tensor, stop_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generated tokens ``[n, T]`` cut after each row's first stop token.
+
+    Example:
+        ``[[5, 2, 7], [5, 6, 7]]`` with stop id 2 and pad 0 gives ids ``[[5, 2, 0], [5, 6, 7]]``, mask
+        ``[[1, 1, 0], [1, 1, 1]]`` and stopped ``[True, False]``.
+
+    Returns:
+        The ids with ``pad_id`` after the stop token ``[n, T]``, the float mask ``[n, T]`` (1 up to and
+        including the stop token; all 1 for a row without one) and whether each row stopped ``[n]``.
+    """
+    is_stop = torch.isin(response, torch.tensor(stop_ids, dtype=response.dtype, device=response.device))  # [n, T]
+    stopped = is_stop.any(dim=1)  # [n]
+    first_stop = torch.where(stopped, is_stop.int().argmax(dim=1), response.shape[1] - 1)  # [n]
+    positions = torch.arange(response.shape[1], device=response.device)  # [T]
+    mask = (positions <= first_stop[:, None]).float()  # [n, T]
+    return torch.where(mask.bool(), response, torch.full_like(response, pad_id)), mask, stopped
+
+
+@torch.no_grad()
+def map_micro_batches(fn: Callable[[Batch], torch.Tensor], batches: Iterable[Batch]) -> torch.Tensor:
+    """``fn`` on each micro-batch without autograd, the results joined along dim 0 (rows in batch order).
+
+    For the forwards whose results are constants of the update (reference and trainer log-probs,
+    critic values). No batches give an empty 1-d tensor.
+    """
+    parts = [fn(batch) for batch in batches]
+    return torch.cat(parts) if parts else torch.zeros(0)

@@ -198,3 +198,28 @@ def apply_lora(model: torch.nn.Module, lora: LoRA, quantized: bool = False) -> t
 def tokenizer_of(processor: ProcessorMixin | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """The tokenizer inside a processor (or the tokenizer itself)."""
     return processor.tokenizer if isinstance(processor, ProcessorMixin) else processor
+
+
+def pad_token_id(processor: ProcessorMixin | PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token."""
+    tok = tokenizer_of(processor)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def stop_token_ids(model: torch.nn.Module, processor: ProcessorMixin | PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a response, sorted: the tokenizer's EOS and the model's generation-config EOS id(s)."""
+    configured = model.generation_config.eos_token_id
+    stop = {tokenizer_of(processor).eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return sorted(i for i in stop if i is not None)
+
+
+def decode_responses(
+    processor: ProcessorMixin | PreTrainedTokenizerBase, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> list[str]:
+    """The texts of ``[N, T]`` right-padded responses, special tokens removed.
+
+    Positions off ``response_mask`` are decoded as the pad token, which drops out as a special token
+    (whatever id the padding holds, e.g. 0, would otherwise decode as a character).
+    """
+    padded = torch.where(response_mask.bool(), response_ids, pad_token_id(processor))  # [N, T]
+    return tokenizer_of(processor).batch_decode(padded, skip_special_tokens=True)

@@ -34,8 +34,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from vlrl.models.inputs import collate, encode_prompt, to_device
-from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.inputs import collate, cut_at_stop, encode_prompt, to_device
+from vlrl.models.loading import Policy, decode_responses, pad_token_id, stop_token_ids
 from vlrl.models.tiny import resolve_model_path
 from vlrl.rollout.base import Sampling, generation_config
 
@@ -110,11 +110,8 @@ class HFReasoner:
         if self.model is None:
             model, self.processor = self.source.load()
             self.model = model.eval().requires_grad_(False)
-            tok = tokenizer_of(self.processor)
-            self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            gen_eos = self.model.generation_config.eos_token_id
-            stop = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
-            self.stop_ids = sorted(i for i in stop if i is not None)
+            self.pad_id = pad_token_id(self.processor)
+            self.stop_ids = stop_token_ids(self.model, self.processor)
         self.model.to(device)
 
     @torch.no_grad()
@@ -148,15 +145,12 @@ class HFReasoner:
         config = generation_config(sampling, self.stop_ids, self.pad_id)
         sequences = self.model.generate(**batch, generation_config=config)
         responses = sequences[:, batch["input_ids"].shape[1] :].cpu()  # [n, T]
-        tok = tokenizer_of(self.processor)
-        outputs = []
-        stop_ids = set(self.stop_ids)
-        for row in responses.tolist():
-            stops = [i for i, token in enumerate(row) if token in stop_ids]
-            length = stops[0] + 1 if stops else len(row)
-            text = tok.decode(row[:length], skip_special_tokens=True)
-            outputs.append(ReasonerOutput(text=text, finish_reason="stop" if stops else "length", num_tokens=length))
-        return outputs
+        responses, mask, stopped = cut_at_stop(responses, self.stop_ids, self.pad_id)  # [n, T], [n, T], [n]
+        texts = decode_responses(self.processor, responses, mask)
+        return [
+            ReasonerOutput(text=text, finish_reason="stop" if stop else "length", num_tokens=int(length))
+            for text, stop, length in zip(texts, stopped.tolist(), mask.sum(dim=1).tolist(), strict=True)
+        ]
 
 
 class VLLMReasoner:

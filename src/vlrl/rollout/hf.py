@@ -16,8 +16,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlrl.algorithms import token_logprobs
-from vlrl.models.inputs import collate, to_device
-from vlrl.models.loading import tokenizer_of
+from vlrl.models.inputs import collate, cut_at_stop, to_device
+from vlrl.models.loading import pad_token_id, stop_token_ids
 from vlrl.models.sharding import gathered, needs_synced_generation
 from vlrl.rollout.base import Generation, Sampling, generation_config
 from vlrl.types import EncodedPrompt
@@ -49,11 +49,8 @@ class HFEngine:
 
     def bind(self, model: torch.nn.Module, processor: object) -> None:
         self.model = model
-        tok = tokenizer_of(processor)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        gen_eos = model.generation_config.eos_token_id
-        stop = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
-        self.stop_ids = sorted(i for i in stop if i is not None)
+        self.pad_id = pad_token_id(processor)
+        self.stop_ids = stop_token_ids(model, processor)
         config = model.config
         ids = {getattr(config, a, None) for a in VISION_TOKEN_ATTRS}
         self.suppress_ids = sorted(i for i in ids if isinstance(i, int)) if self.suppress_vision_tokens else []
@@ -102,12 +99,7 @@ class HFEngine:
         width = batch["input_ids"].shape[1]
         response = sequences[:, width:]  # [n, T]
         logprobs = recorder.finish(response).cpu()  # [n, T] raw, before any logits processor
-        response = response.cpu()
-        is_stop = torch.isin(response, torch.tensor(self.stop_ids))  # [n, T]
-        stopped = is_stop.any(dim=1)
-        first_stop = torch.where(stopped, is_stop.int().argmax(dim=1), response.shape[1] - 1)
-        mask = (torch.arange(response.shape[1]) <= first_stop[:, None]).float()  # [n, T]
-        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
+        response, mask, stopped = cut_at_stop(response.cpu(), self.stop_ids, self.pad_id)  # [n, T], [n, T], [n]
         return Generation(
             response_ids=response,
             response_mask=mask,

@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import torch
 
-from vlrl.models.loading import tokenizer_of
+from vlrl.models.loading import pad_token_id, stop_token_ids
 from vlrl.rollout.base import Generation, Sampling
 from vlrl.rollout.hf import VISION_TOKEN_ATTRS
 from vlrl.types import EncodedPrompt
@@ -154,9 +154,8 @@ class VLLMEngine:
         self.model_path = base.name_or_path
         if not self.model_path:
             raise ValueError("VLLMEngine starts vLLM from the policy's model folder, but the model has none")
-        tok = tokenizer_of(processor)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.stop_ids = stop_token_ids(base, tok)
+        self.pad_id = pad_token_id(processor)
+        self.stop_ids = stop_token_ids(base, processor)
         config = base.config
         self.is_vlm = getattr(config, "vision_config", None) is not None
         self.image_token_id = next((getattr(config, a) for a in IMAGE_TOKEN_ATTRS if hasattr(config, a)), None)
@@ -369,13 +368,6 @@ class VLLMEngine:
                 raise RuntimeError(f"vLLM ended a sample with finish_reason={sample.finish_reason!r}")
             reasons.append(sample.finish_reason)
         return Generation(response_ids=ids, response_mask=mask, logprobs=logprobs, finish_reasons=reasons)
-
-
-def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
-    configured = model.generation_config.eos_token_id
-    stop = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    return sorted(i for i in stop if i is not None)
 
 
 @contextmanager
