@@ -55,7 +55,7 @@ import lightning.pytorch as pl
 import torch
 
 from vlrl.algorithms import zero_advantage
-from vlrl.callbacks.base import RLCallback
+from vlrl.hooks import RLCallback
 from vlrl.seeding import generator
 from vlrl.types import EncodedPrompt, PromptBatch, Rollout
 

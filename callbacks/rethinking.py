@@ -58,8 +58,8 @@ from typing import TYPE_CHECKING
 import lightning.pytorch as pl
 import torch
 
-from vlrl.callbacks.base import RLCallback
-from vlrl.models.inputs import extend_prompt
+from vlrl.hooks import RLCallback
+from vlrl.models.inputs import extend_prompt, map_micro_batches
 from vlrl.rewards import correct_by_rewards
 from vlrl.rollout import Generation, Sampling
 from vlrl.seeding import stream_seed
@@ -384,11 +384,10 @@ class ForcedRethinking(RLCallback):
         for j, r in enumerate(responses):
             ids[j, : len(r)], mask[j, : len(r)] = r, 1.0
         new = replace(rollout.select([p.index for p in plans]), response_ids=ids, response_mask=mask, loss_mask=None)
-        parts = []
-        for start in range(0, len(new), pl_module.micro_batch_size):
-            micro = new.select(list(range(start, min(start + pl_module.micro_batch_size, len(new)))))
-            parts.append(pl_module.policy_logprobs(pl_module.model, micro)[0].float().cpu())
-        recomputed = torch.cat(parts)  # [n, W]
+        recomputed = map_micro_batches(  # [n, W]
+            lambda micro: pl_module.policy_logprobs(pl_module.model, micro)[0].float().cpu(),
+            pl_module.micro_batches(new),
+        )
         out = []
         for j, (plan, r) in enumerate(zip(plans, responses, strict=True)):
             k = len(plan.prefix_ids)

@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from vlrl.callbacks.base import RLCallback
+from vlrl.hooks import RLCallback
 from vlrl.types import PromptBatch, Rollout
 
 COLUMNS = ("step", "id", "image", "question", "answer", "response", "reward", "advantage", "finish", "flags")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 
-from vlrl.callbacks.base import RLCallback
+from vlrl.hooks import RLCallback
 from vlrl.types import EncodedPrompt, Rollout
 
 # Dense bf16 peak FLOP/s by GPU name (first match wins, so the more specific names come first).

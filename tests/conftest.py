@@ -40,6 +40,7 @@ FAST_FILES = frozenset(
         "test_data.py",
         "test_layout.py",
         "test_metrics.py",
+        "test_loss_path.py",
         "test_plan.py",
         "test_reasoners.py",
         "test_rethinking_rewards.py",

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import vlrl.callbacks
-import vlrl.callbacks.base
 import vlrl.hooks
 import vlrl.rewards.caption
 from tests.test_grpo import make_module
@@ -44,9 +43,8 @@ def test_methods_do_not_import_callbacks_nor_data_rewards():
     assert "vlrl.hooks" in methods and "vlrl.callbacks" not in methods
 
 
-def test_rlcallback_is_one_class_under_its_old_names():
+def test_rlcallback_is_one_class_under_its_names():
     assert vlrl.callbacks.RLCallback is vlrl.hooks.RLCallback
-    assert vlrl.callbacks.base.RLCallback is vlrl.hooks.RLCallback
 
 
 class LengthOnly(pl.LightningModule):

@@ -33,8 +33,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from vlrl.callbacks.base import RLCallback
 from vlrl.data import RLDataModule, Synthetic
+from vlrl.hooks import RLCallback
 from vlrl.methods import GRPO
 from vlrl.models import Policy
 from vlrl.models.tiny import build_qwen2_5_vl

@@ -24,11 +24,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from vlrl.algorithms import entropy_from_logits, token_logprobs, zero_advantage
+from vlrl.algorithms import AggregationMode, entropy_from_logits, policy_objective, token_logprobs, zero_advantage
 from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
 from vlrl.hooks import RLCallback
@@ -79,6 +80,7 @@ class RLMethod(PolicyModule):
     """
 
     critic_steps: int | None = None  # critic optimizer steps per rollout; a method with a critic sets it
+    loss_aggregation: AggregationMode = "token-mean"  # how ``loss`` aggregates; methods take it as an argument
 
     def __init__(
         self,
@@ -258,7 +260,26 @@ class RLMethod(PolicyModule):
         num_tokens: torch.Tensor,
         num_sequences: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one micro-batch (already normalised for the whole mini-batch) and its metrics."""
+        """Loss of one micro-batch (already normalised for the whole mini-batch) and its metrics: the one
+        policy-loss path, ``vlrl.algorithms.policy_objective``, with the method's ``loss_terms``."""
+        out = policy_objective(
+            logprobs,
+            rollout.logprobs,
+            rollout.advantages,  # [n] or [n, T]
+            rollout.train_mask,
+            entropy=entropy,
+            mode=self.loss_aggregation,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            max_len=self.sampling.max_new_tokens,
+            **self.loss_terms(rollout),
+        )
+        return out.loss, out.metrics()
+
+    def loss_terms(self, rollout: Rollout) -> dict[str, Any]:
+        """The method's keyword arguments of ``policy_objective`` for ``rollout``: its ``policy_term`` (the
+        clipped surrogate, or a new variant's function), and optionally ``is_weights``, ``ref_logprobs``,
+        ``kl_coef``, ``kl_estimator``, ``entropy_coef``."""
         raise NotImplementedError
 
     @property

@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from vlrl.metrics import AccuracyBySource
-from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.loading import Policy, decode_responses, pad_token_id, tokenizer_of
 from vlrl.models.precision import check_master_weights, compute_dtype
 from vlrl.models.sharding import shard_model
 from vlrl.rollout import HFEngine, RolloutEngine
@@ -155,8 +155,7 @@ class PolicyModule(pl.LightningModule):
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(self.processor)
 
     # ------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
@@ -218,10 +217,8 @@ class PolicyModule(pl.LightningModule):
         return self.trainer.strategy.reduce(value, reduce_op=op)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        """The texts of ``[N, T]`` responses; padding is decoded as the pad token, which drops out as special
-        (id 0 would decode as a character)."""
-        padded = torch.where(response_mask.bool(), response_ids, self.pad_id)  # [N, T]
-        return self.tokenizer.batch_decode(padded, skip_special_tokens=True)
+        """The texts of ``[N, T]`` right-padded responses (``vlrl.models.loading.decode_responses``)."""
+        return decode_responses(self.processor, response_ids, response_mask)
 
     def seed_for(self, purpose: str, step: int | None = None) -> int:
         """The seed of ``purpose``'s stream at ``step`` (default: the current ``global_step``) on this rank."""

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from vlrl.algorithms import group_advantages, policy_loss, policy_objective, truncated_importance_weights
+from vlrl.algorithms import group_advantages, policy_loss, truncated_importance_weights
 from vlrl.methods.base import RLMethod
 from vlrl.models.inputs import map_micro_batches
 from vlrl.models.loading import Policy
@@ -171,29 +171,13 @@ class GRPO(RLMethod):
             rollout.is_weights = out.weights  # [N, T], selected with the samples
             rollout.logprobs = trainer
 
-    def loss(
-        self,
-        rollout: Rollout,
-        logprobs: torch.Tensor,
-        entropy: torch.Tensor,
-        num_tokens: torch.Tensor,
-        num_sequences: int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = policy_objective(
-            logprobs,
-            rollout.logprobs,
-            rollout.advantages,
-            rollout.train_mask,
+    def loss_terms(self, rollout: Rollout) -> dict[str, Any]:
+        """The clipped surrogate (asymmetric clip, optional dual clip), TIS weights, KL to the reference, entropy."""
+        return dict(
             policy_term=partial(policy_loss, eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip),
             is_weights=rollout.is_weights if self.importance_correction == "tis" else None,
             ref_logprobs=rollout.ref_logprobs if self.kl_coef > 0 else None,
             kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator,
-            entropy=entropy,
             entropy_coef=self.entropy_coef,
-            mode=self.loss_aggregation,
-            num_tokens=num_tokens,
-            num_sequences=num_sequences,
-            max_len=self.sampling.max_new_tokens,
         )
-        return out.loss, out.metrics()

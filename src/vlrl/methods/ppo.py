@@ -40,7 +40,6 @@ from vlrl.algorithms import (
     kl_in_reward,
     masked_mean,
     policy_loss,
-    policy_objective,
     value_clip_fraction,
     value_loss,
 )
@@ -169,27 +168,9 @@ class PPO(RLMethod):
         return whiten(advantages, mask) if self.normalize_advantages else advantages  # [N, T]
 
     # ---------------------------------------------------------------------------------- losses
-    def loss(
-        self,
-        rollout: Rollout,
-        logprobs: torch.Tensor,
-        entropy: torch.Tensor,
-        num_tokens: torch.Tensor,
-        num_sequences: int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = policy_objective(
-            logprobs,
-            rollout.logprobs,
-            rollout.advantages,  # [n, T]
-            rollout.train_mask,
-            policy_term=partial(policy_loss, eps_low=self.eps_low, eps_high=self.eps_high),
-            entropy=entropy,
-            mode=self.loss_aggregation,
-            num_tokens=num_tokens,
-            num_sequences=num_sequences,
-            max_len=self.sampling.max_new_tokens,
-        )
-        return out.loss, out.metrics()
+    def loss_terms(self, rollout: Rollout) -> dict[str, Any]:
+        """The clipped surrogate on the token advantages of GAE (entropy measured, not trained on)."""
+        return dict(policy_term=partial(policy_loss, eps_low=self.eps_low, eps_high=self.eps_high))
 
     def critic_loss(
         self, rollout: Rollout, num_tokens: torch.Tensor, num_sequences: int

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from vlrl.data.prompts import build_messages
+from vlrl.data.prompts import build_messages, check_template_fields
 from vlrl.methods.grpo import GRPO
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.loading import Policy
 from vlrl.rewards import RewardFunction
-from vlrl.rewards.caption import CaptionReward, check_template_fields
+from vlrl.rewards.caption import CaptionReward
 from vlrl.rollout import Sampling
 from vlrl.types import PromptBatch, Rollout
 

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from vlrl.data.preference import LABELS, UNDERSTANDING_PROMPT, normalise_label
-from vlrl.data.prompts import strip_image_placeholders
-from vlrl.rewards.caption import check_template_fields
+from vlrl.data.prompts import check_template_fields, strip_image_placeholders
 from vlrl.rewards.functions import RewardFunction, TagFormatReward
 from vlrl.rewards.reasoners import HFReasoner, Reasoner
 from vlrl.rollout.base import Sampling
