@@ -6,9 +6,12 @@
     -> advantages -> on_advantages_computed callbacks -> reference log-probs -> mini-batch updates
     -> weights to the rollout engine -> metrics
 
-A method subclasses ``RLMethod`` once and fills in ``compute_advantages`` and ``loss`` (and, if it
+A method subclasses ``RLMethod`` once and fills in ``compute_advantages`` and ``loss_terms`` (its
+policy term and coefficients for ``vlrl.algorithms.policy_objective``, the one loss path; and, if it
 changes what is generated or how it is scored, ``generate`` / ``score``; if it has a critic,
-``compute_values`` and a second optimizer); it does not reorder the step.
+``compute_values`` and a second optimizer); it does not reorder the step. Loading, sharding, the
+guarded optimizer step, decoding, seeds and accuracy logging come from ``vlrl.methods.core``; the
+batch sizes of a step are derived and checked once in ``setup`` (``vlrl.methods.plan``).
 
 ``global_step`` counts *policy* optimizer steps: with the default ``mini_batch_size`` (the whole
 rollout) and one epoch, that is one per rollout. ``configure_optimizers`` returns the policy's
