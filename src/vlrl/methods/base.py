@@ -131,7 +131,6 @@ class RLMethod(PolicyModule):
         self.group_size = group_size
         self.mini_batch_size = mini_batch_size  # per device; derived in ``setup`` from global_mini_batch_size
         self.global_mini_batch_size = global_mini_batch_size
-        self.plan: UpdatePlan | None = None  # derived in ``setup`` from the data, the callbacks and these sizes
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
         self.reward_time_budget_s = reward_time_budget_s
@@ -152,7 +151,7 @@ class RLMethod(PolicyModule):
             return
         datamodule = self.trainer.datamodule
         if stage == "fit" and isinstance(datamodule, RLDataModule):
-            self.plan = self.plan_update(datamodule.batch_size, datamodule.describe_batch())
+            self.plan_update(datamodule.batch_size, datamodule.describe_batch())
         elif self.global_mini_batch_size is not None:
             world_size, num_nodes = self.trainer.world_size, self.trainer.num_nodes
             key = "model.global_mini_batch_size"
