@@ -31,6 +31,7 @@ from vlrl.rewards.extract import extract_boxed
 from vlrl.rewards.grading import is_correct
 
 __all__ = [
+    "RewardUnavailable",
     "RewardFunction",
     "AccuracyReward",
     "ThinkFormatReward",
@@ -44,6 +45,14 @@ __all__ = [
 def _snake_case(name: str) -> str:
     """``AccuracyReward`` -> ``accuracy``: the class name in snake_case without the ``Reward`` suffix."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.removesuffix("Reward") or name).lower()
+
+
+class RewardUnavailable(RuntimeError):
+    """A reward cannot be computed at all right now (its server stayed down past the outage budget).
+
+    Unlike any other exception of a reward, the runner does not score it as a failure (training on
+    rewards that silently became 0): it re-raises, so the step stops and the run can checkpoint.
+    """
 
 
 class RewardFunction:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vlrl.rewards.functions import RewardFunction, reward_kwargs
+from vlrl.rewards.functions import RewardFunction, RewardUnavailable, reward_kwargs
 
 __all__ = ["RewardScores", "score"]
 
@@ -82,6 +82,8 @@ def _call_with_deadline(
         return None, "timeout", f"exceeded its time budget of {budget_s:g} s"
     if "error" in box:
         error = box["error"]
+        if isinstance(error, RewardUnavailable):
+            raise error  # not a failure to score around: the step must not train on it
         return None, "exception", f"raised {type(error).__name__}: {error}"
     log.debug("reward %r took %.3f s", fn.name, time.monotonic() - start)
     return box["result"], None, ""
@@ -158,6 +160,7 @@ def score(
         The weighted total, the unweighted components and the failure counts.
 
     Raises:
+        RewardUnavailable: re-raised from a reward whose backend is down past its outage budget.
         ValueError: on caller errors only: duplicate reward names, per-sample lists (or facts) of
             the wrong length or type.
 
