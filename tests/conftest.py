@@ -37,6 +37,7 @@ def shared_data() -> Path:
 FAST_FILES = frozenset(
     {
         "test_algorithms.py",
+        "test_algorithms_2026.py",
         "test_data.py",
         "test_layout.py",
         "test_metrics.py",

@@ -1,4 +1,5 @@
-"""Advantage estimators: group-relative (GRPO, RLOO), GAE (PPO), and batch normalisation.
+"""Advantage estimators: group-relative (GRPO, RLOO), batch-normalised (REINFORCE++), GAE (PPO), and
+batch normalisation.
 
 All functions are pure and work on detached tensors: advantages and returns are targets, never
 differentiated through. Conventions: ``N`` samples, ``T`` response tokens (right-padded); ``mask``
@@ -80,6 +81,52 @@ def group_advantages(
     else:
         raise ValueError(f"mode must be one of 'std', 'mean', 'loo', got {mode!r}.")
     return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+def batch_advantages(
+    rewards: Tensor,
+    group_index: Tensor | None = None,
+    baseline: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """REINFORCE++ advantages (Hu 2025): rewards normalised over the whole batch, no critic.
+
+    - ``baseline=False`` (REINFORCE++): ``(r − μ_B) / (σ_B + eps)`` with the mean and unbiased std of all
+      rewards of the batch. A sample is scored against the batch, not its group, so an equal-reward group
+      gets advantages of the sign of its distance to the batch mean.
+    - ``baseline=True`` (REINFORCE++-baseline): ``c = r − μ_g`` (``group_advantages`` mode ``"mean"``), then
+      ``c / (σ_B(c) + eps)``. The batch mean of ``c`` is 0 by construction, so it is not subtracted again,
+      which keeps the advantages of an equal-reward group exactly 0.
+
+    Statistics are over samples (one value each). OpenRLHF takes them over tokens, every token carrying its
+    sample's return; without a KL in the reward the two differ only by weighting samples by length. For the
+    global batch of a data-parallel run, pass the rewards gathered from all devices (``GRPO`` does).
+
+    Example: rewards ``[1, 0, 0, 0]`` in groups ``[0, 0, 1, 1]``: without baseline ``μ = 0.25``,
+    ``σ = 0.5`` and advantages ``[1.5, −0.5, −0.5, −0.5]``; with it ``c = [0.5, −0.5, 0, 0]``,
+    ``σ(c) = 1/√6`` and advantages ``[1.2247, −1.2247, 0, 0]`` (eps aside).
+
+    Args:
+        rewards: ``[N]`` one scalar reward per sample.
+        group_index: ``[N]`` group label per sample; needed with ``baseline=True``.
+        baseline: Subtract the group mean first (REINFORCE++-baseline).
+        eps: Added to the batch std.
+
+    Returns:
+        ``[N]`` advantages (float32 unless ``rewards`` is a wider float); all 0 when the values are all equal.
+    """
+    rewards = rewards.detach()
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if baseline:
+        if group_index is None:
+            raise ValueError("baseline=True subtracts the group mean: give group_index (a label per sample).")
+        values = group_advantages(rewards, group_index, mode="mean")  # [N], exactly 0 for equal-reward groups
+    else:
+        values = rewards - rewards.mean()  # [N]
+    if len(values) < 2 or bool((rewards == rewards[0]).all()):
+        return torch.zeros_like(values)
+    return values / (values.std() + eps)  # [N]
 
 
 def zero_advantage(advantages: Tensor) -> Tensor:

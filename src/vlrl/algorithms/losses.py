@@ -30,7 +30,7 @@ from vlrl.algorithms.logprobs import chunk_grid
 _MAX_LOG_RATIO = 20.0
 
 AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "k3+"]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -136,7 +136,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
 
     With ``d = logprobs − ref_logprobs`` (Schulman, "Approximating KL divergence"):
     ``k1 = d`` (unbiased, can be negative), ``k2 = ½·d²`` (biased, low variance),
-    ``k3 = exp(−d) + d − 1`` (unbiased, always >= 0, low variance).
+    ``k3 = exp(−d) + d − 1`` (unbiased, always >= 0, low variance). ``k3+`` has the value of ``k3`` and
+    the gradient of ``k2`` (straight-through, ``sg(k3) + k2 − sg(k2)``): ``∇k2 = d·∇log π``, whose
+    expectation over samples of π is the gradient of KL(π ‖ π_ref), where ``∇k3 = (1 − e^{−d})·∇log π`` is not.
 
     Args:
         logprobs: ``[N, T]`` log-probs under π (the policy the tokens were sampled from).
@@ -151,10 +153,46 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
-    if estimator == "k3":
+    if estimator in ("k3", "k3+"):
         neg = (-log_ratio).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [N, T] ref − logp
-        return neg.exp() - neg - 1.0
-    raise ValueError(f"estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}.")
+        k3 = neg.exp() - neg - 1.0  # [N, T]
+        if estimator == "k3":
+            return k3
+        k2 = 0.5 * log_ratio.square()  # [N, T]
+        return k3.detach() + k2 - k2.detach()  # [N, T] value k3, gradient k2
+    raise ValueError(f"estimator must be one of 'k1', 'k2', 'k3', 'k3+', got {estimator!r}.")
+
+
+def off_policy_sequence_mask(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, delta: float
+) -> Tensor:
+    """Which sequences stay in the policy loss under the off-policy sequence mask (DeepSeek-V3.2, TRL).
+
+    A sequence is dropped when its advantage is negative and the mean over its trained tokens of
+    ``log π_old − log π_θ`` (a k1 estimate of KL(π_old ‖ π_θ) on its own tokens) exceeds ``delta``: the
+    policy has moved far from the one that sampled it, and pushing such a sample further down mostly adds
+    noise. Positive-advantage sequences always stay.
+
+    Example: log-ratios ``log π_θ − log π_old`` of −0.3 and −0.1 give a mean of 0.2 for ``−ℓ``; with
+    ``A = −1`` the sequence is dropped at ``delta = 0.1`` and kept at ``delta = 0.25``, and kept with ``A = 1``.
+
+    Args:
+        logprobs: ``[N, T]`` log-probs under the policy being trained (no gradient is taken through the mask).
+        old_logprobs: ``[N, T]`` log-probs under the behaviour policy.
+        advantages: ``[N]``, or ``[N, T]`` (a sequence is negative when its mean over trained tokens is).
+        mask: ``[N, T]``, 1 on trained tokens.
+        delta: The threshold ``δ`` (>= 0) on the mean ``−ℓ``.
+
+    Returns:
+        ``[N]`` bool, True for the sequences that stay.
+    """
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0 (the threshold on the mean log π_old − log π_θ), got {delta}.")
+    with torch.no_grad():
+        mask = mask.to(logprobs.dtype)
+        divergence = masked_mean(old_logprobs - logprobs, mask, dim=-1)  # [N]
+        seq_advantage = advantages if advantages.dim() == 1 else masked_mean(advantages.to(mask.dtype), mask, -1)
+        return ~((seq_advantage.to(divergence.device) < 0) & (divergence > delta))  # [N]
 
 
 PolicyTerm = Callable[[Tensor, Tensor, Tensor, Tensor], PolicyLossOutput]
@@ -179,10 +217,11 @@ class PolicyObjective:
     approx_kl: Tensor  # scalar, k3 estimate of KL(π_old ‖ π_θ)
     kl_ref: Tensor | None  # scalar, masked mean of the KL estimate to the reference; None without a reference
     entropy: Tensor | None  # scalar, masked mean entropy; None without entropies
+    off_policy_masked: Tensor | None = None  # scalar, fraction of non-empty sequences the off-policy mask dropped
 
     def metrics(self, prefix: str = "update") -> dict[str, Tensor]:
         """The figures named ``{prefix}/policy_loss``, ``clip_frac``, ``dual_clip_frac``, ``ratio_mean``,
-        ``approx_kl``, and ``kl_ref`` / ``entropy`` when they were measured."""
+        ``approx_kl``, and ``kl_ref`` / ``entropy`` / ``off_policy_masked_frac`` when they were measured."""
         figures = {
             "policy_loss": self.policy_loss,
             "clip_frac": self.clip_fraction,
@@ -191,6 +230,7 @@ class PolicyObjective:
             "approx_kl": self.approx_kl,
             "kl_ref": self.kl_ref,
             "entropy": self.entropy,
+            "off_policy_masked_frac": self.off_policy_masked,
         }
         return {f"{prefix}/{name}": value for name, value in figures.items() if value is not None}
 
@@ -212,11 +252,13 @@ def policy_objective(
     num_tokens: float | Tensor | None = None,
     num_sequences: float | Tensor | None = None,
     max_len: int | None = None,
+    off_policy_delta: float | None = None,
 ) -> PolicyObjective:
     """The loss of one micro-batch of an RL policy update, and its metrics.
 
-    Per token, ``L = w·policy_term + kl_coef·KL(π_θ ‖ π_ref) − entropy_coef·H``, then
-    ``aggregate_loss(L, mask, mode, ...)``: ``w`` are the importance weights (1 without them), ``KL`` the
+    Per token, ``L = M·w·policy_term + kl_coef·KL(π_θ ‖ π_ref) − entropy_coef·H``, then
+    ``aggregate_loss(L, mask, mode, ...)``: ``M`` is the off-policy sequence mask (1 without ``off_policy_delta``;
+    the token counts of the aggregation are unchanged by it), ``w`` are the importance weights (1 without them), ``KL`` the
     ``kl_estimator`` estimate from ``kl_penalty`` (0 without a reference) and ``H`` the entropy of the
     policy's distribution at the token (with gradient when ``entropy_coef`` is not 0).
 
@@ -242,6 +284,8 @@ def policy_objective(
         num_tokens: Trained tokens of the whole mini-batch on all devices (``aggregate_loss``).
         num_sequences: Sequences with a trained token in the whole mini-batch on all devices.
         max_len: Fixed length of ``seq-mean-token-sum-norm``.
+        off_policy_delta: Drop the policy term of negative-advantage sequences whose mean
+            ``log π_old − log π_θ`` exceeds this (``off_policy_sequence_mask``); ``None``: keep every sequence.
 
     Returns:
         A ``PolicyObjective``. Every input is moved to ``logprobs``' device.
@@ -261,6 +305,14 @@ def policy_objective(
     per_token = out.per_token  # [N, T]
     if is_weights is not None:
         per_token = per_token * is_weights.to(device)  # [N, T]
+    off_policy_masked = None
+    if off_policy_delta is not None:
+        keep = off_policy_sequence_mask(
+            logprobs, old_logprobs.to(device), advantages.to(device), mask, off_policy_delta
+        )
+        per_token = per_token * keep.unsqueeze(-1).to(per_token.dtype)  # [N, T]
+        non_empty = mask.sum(-1) > 0  # [N]
+        off_policy_masked = (~keep & non_empty).sum().to(per_token.dtype) / non_empty.sum().clamp_min(1)
     policy_mean = masked_mean(per_token.detach(), mask)
     kl_ref = None
     if ref_logprobs is not None:
@@ -280,6 +332,7 @@ def policy_objective(
         approx_kl=out.approx_kl,
         kl_ref=kl_ref,
         entropy=None if entropy is None else masked_mean(entropy.detach(), mask),
+        off_policy_masked=off_policy_masked,
     )
 
 
