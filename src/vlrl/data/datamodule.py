@@ -2,8 +2,11 @@
 
 Rows are read and validated when the stage is set up (before the first step), so a bad row fails
 the run at once with its file, row and field, or is skipped and counted (``on_bad_row: skip``;
-counts in ``skipped_rows``). Image files are checked then too; their pixels are decoded when a
-batch is built (in worker processes if ``num_workers > 0``).
+counts in ``skipped_rows``). Image files are checked then too (all of their data); their pixels are
+decoded for use when a batch is built (in worker processes if ``num_workers > 0``). When the
+loaders are made (the model is loaded by then) each prompt's length in tokens is checked against
+``max_prompt_tokens``. A row that still fails when its batch is built is, with ``skip``, replaced by
+another row and counted (see ``vlrl.data.loader``), so one bad file cannot stop a long run.
 
 The train loader is a ``ResumableLoader`` (see ``vlrl.data.loader``): Lightning saves its position
 in every checkpoint, and ``fit(ckpt_path=...)`` continues with the next unseen batch of the same
@@ -16,15 +19,15 @@ trainer is known, so a config means the same batch on one node or on eight.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from vlrl.data.errors import DataError
-from vlrl.data.images import load_image
-from vlrl.data.loader import ResumableLoader, ResumableSampler
+from vlrl.data.images import fitted_size, load_image
+from vlrl.data.loader import ResumableLoader, ResumableSampler, SkippedRows
 from vlrl.data.prompts import Prompt, build_messages, check_template_fields, collate_prompts, question_text
 from vlrl.data.schema import Row
 from vlrl.data.sources import Source
@@ -81,13 +84,17 @@ class PromptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def messages(self, row: Row) -> list[dict]:
+        """The chat messages of ``row``."""
+        return build_messages(
+            row.question, row.messages, len(row.images), row.choices, self.prompt_template, self.system_prompt
+        )
+
     def __getitem__(self, index: int) -> Prompt:
         row = self.rows[index]
         return Prompt(
             id=row.id,
-            messages=build_messages(
-                row.question, row.messages, len(row.images), row.choices, self.prompt_template, self.system_prompt
-            ),
+            messages=self.messages(row),
             images=[load_image(ref, self.min_pixels, self.max_pixels, row.where) for ref in row.images],
             answer=row.answer,
             choices=row.choices,
@@ -95,6 +102,31 @@ class PromptDataset(Dataset):
             extras=row.extras,
             question=question_text(row.question, row.messages),
         )
+
+
+def prompt_tokens(processor: Any, dataset: PromptDataset, chunk: int = 1024) -> list[tuple[int, int]]:
+    """``(text, visual)`` token counts of each prompt of ``dataset`` under ``processor``, without decoding images.
+
+    Text: the chat-templated prompt, tokenized (in chunks of ``chunk`` rows), less one placeholder token
+    per image; visual: what the processor expands each image to at its size after ``fit_pixels``
+    (``_get_num_multimodal_tokens``, which vLLM uses too; 0 where a processor cannot say).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    counts: list[tuple[int, int]] = []
+    for start in range(0, len(dataset), chunk):
+        rows = dataset.rows[start : start + chunk]
+        texts = [
+            processor.apply_chat_template(dataset.messages(row), add_generation_prompt=True, tokenize=False)
+            for row in rows
+        ]
+        for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+            sizes = [fitted_size(size, dataset.min_pixels, dataset.max_pixels) for size in row.image_sizes]
+            if sizes and hasattr(processor, "_get_num_multimodal_tokens"):
+                info = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
+                counts.append((len(ids) - len(sizes), sum(info.num_image_tokens)))
+            else:
+                counts.append((len(ids), 0))
+    return counts
 
 
 class RLDataModule(LightningDataModule):
@@ -127,8 +159,15 @@ class RLDataModule(LightningDataModule):
         min_pixels: upscale images with fewer pixels (width*height) to about this many,
             keeping the aspect ratio.
         max_pixels: downscale images with more pixels to at most this many, keeping the aspect ratio.
+        max_prompt_tokens: longest prompt a row may make, in tokens: the chat-templated text plus the
+            visual tokens of its images (as the processor counts them, after ``min_pixels``/``max_pixels``).
+            A longer row is a bad row (``prompt_too_long``). Default: what an RL method's model can
+            take, its context (the vLLM engine's ``max_model_len``, else the model config's
+            ``max_position_embeddings``) minus ``sampling.max_new_tokens``; no check for other methods.
         on_bad_row: ``error`` stops at the first bad row with its file, row and field; ``skip``
-            skips bad rows, warns once per source with the counts and keeps them in ``skipped_rows``.
+            skips bad rows, warns once per source with the counts and keeps them in ``skipped_rows``;
+            a training row that fails only when its batch is built is replaced by another row and
+            counted the same way.
         shuffle: shuffle training rows each epoch (the order depends only on ``seed`` and the epoch).
         seed: seed of the training order.
         num_workers: worker processes that decode images and build batches.
@@ -148,6 +187,7 @@ class RLDataModule(LightningDataModule):
         system_prompt: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        max_prompt_tokens: int | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
         shuffle: bool = True,
         seed: int = 0,
@@ -173,6 +213,11 @@ class RLDataModule(LightningDataModule):
                 raise ValueError(f"{name}={value} must be a positive pixel count (or null for no bound)")
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}; swap or widen them")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(
+                f"data.max_prompt_tokens={max_prompt_tokens} must be a positive number of tokens, or null for the "
+                "model's own limit"
+            )
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row={on_bad_row!r} must be 'error' or 'skip'")
         if num_workers < 0:
@@ -186,6 +231,7 @@ class RLDataModule(LightningDataModule):
         self.system_prompt = system_prompt
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.max_prompt_tokens = max_prompt_tokens
         self.on_bad_row = on_bad_row
         self.shuffle = shuffle
         self.seed = seed
@@ -193,6 +239,8 @@ class RLDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.datasets: dict[Split, PromptDataset] = {}
         self.skipped_rows: dict[str, int] = {}  # "<split>/<reason>" -> rows skipped, e.g. for self.log_dict
+        self._replaced_train_rows: dict[int, str] = {}  # rows replaced at batch time, shared by every train loader
+        self._length_checked: set[Split] = set()
 
     @property
     def batch_size(self) -> int:
@@ -260,7 +308,72 @@ class RLDataModule(LightningDataModule):
             self.datasets[split] = self._load(split)
         return self.datasets[split]
 
+    def prompt_budget(self) -> tuple[Any, int, str] | None:
+        """The trainer's processor, the longest prompt allowed in tokens and where that limit comes from;
+        None where there is nothing to check with (no trainer, or a module without the limits)."""
+        from vlrl.methods.base import RLMethod  # here: vlrl.methods imports vlrl.data
+        from vlrl.methods.core import PolicyModule
+        from vlrl.rollout.vllm import VLLMEngine
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not isinstance(module, PolicyModule) or module.processor is None:
+            return None
+        if self.max_prompt_tokens is not None:
+            return module.processor, self.max_prompt_tokens, f"data.max_prompt_tokens={self.max_prompt_tokens}"
+        if not isinstance(module, RLMethod):
+            return None
+        engine = module.rollout_engine
+        if isinstance(engine, VLLMEngine) and engine.max_model_len is not None:
+            context, source = engine.max_model_len, f"rollout_engine.max_model_len={engine.max_model_len}"
+        else:
+            context = getattr(module.model.config.get_text_config(), "max_position_embeddings", None)
+            source = f"the model config's max_position_embeddings={context}"
+        if context is None:
+            return None
+        limit = context - module.max_new_tokens
+        return module.processor, limit, f"{source} - sampling.max_new_tokens={module.max_new_tokens}"
+
+    def check_prompt_lengths(self, split: Split) -> None:
+        """Check (once) that every prompt of ``split`` fits ``prompt_budget``; a longer row is a bad row."""
+        budget = self.prompt_budget()
+        if budget is None or split in self._length_checked:
+            return
+        processor, limit, source = budget
+        dataset = self.dataset(split)
+        kept, skipped, first = [], 0, ""
+        for row, (text, visual) in zip(dataset.rows, prompt_tokens(processor, dataset), strict=True):
+            if text + visual <= limit:
+                kept.append(row)
+                continue
+            error = DataError(
+                f"makes a prompt of {text + visual} tokens ({text} text, {visual} visual), more than the "
+                f"{limit} allowed ({source})",
+                "shorten the question or give smaller images (data.max_pixels), or set data.max_prompt_tokens "
+                "if the model takes longer prompts",
+                where=row.where,
+                field="messages" if row.messages is not None else "question",
+                reason="prompt_too_long",
+            )
+            if self.on_bad_row == "error":
+                raise error
+            skipped, first = skipped + 1, first or error.detail
+        self._length_checked.add(split)
+        if not skipped:
+            return
+        key = f"{split}/prompt_too_long"
+        self.skipped_rows[key] = self.skipped_rows.get(key, 0) + skipped
+        rank_zero_warn(f"Skipped {skipped} {split} row(s) whose prompt is too long (first: {first})")
+        if not kept:
+            raise DataError(
+                f"no {split} prompt fits in {limit} tokens ({source})",
+                "shorten the prompts, or give the model a longer context",
+                reason="config",
+                skippable=False,
+            )
+        dataset.rows = kept
+
     def train_dataloader(self) -> ResumableLoader:
+        self.check_prompt_lengths("train")
         dataset = self.dataset("train")
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = ResumableSampler(
@@ -271,11 +384,13 @@ class RLDataModule(LightningDataModule):
                 f"the train source has {len(dataset)} rows, fewer than one batch ({self.describe_batch()}) on each "
                 f"of {world_size} device(s); lower the batch size or set drop_last: false"
             )
-        return ResumableLoader(dataset, sampler, collate_prompts, self.num_workers)
+        skipped = SkippedRows(self.skipped_rows, "train/", self._replaced_train_rows)
+        return ResumableLoader(dataset, sampler, collate_prompts, self.num_workers, self.on_bad_row == "skip", skipped)
 
     def _eval_dataloader(self, split: Split) -> DataLoader | list:
         if self.sources[split] is None:
             return []
+        self.check_prompt_lengths(split)
         return DataLoader(
             self.dataset(split),
             batch_size=self.eval_batch_size,

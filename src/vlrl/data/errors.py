@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 SKIP_HINT = "or set `on_bad_row: skip` on the datamodule to skip such rows"
 
@@ -45,8 +46,14 @@ class DataError(ValueError):
         self.reason = reason
         self.problem = problem
         self.fix = fix
+        self.skippable = skippable
         place = f"{where}: " if where is not None else ""
         subject = f"field '{field}' " if field else ""
         self.detail = f"{place}{subject}{problem}. Fix: {fix}"  # without the hint to skip
         hint = f"; {SKIP_HINT}" if skippable and isinstance(where, RowLocation) else ""
         super().__init__(f"{self.detail}{hint}.")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        """Pickled with every argument, so that the error raised in a data worker process arrives whole."""
+        kwargs = {"where": self.where, "field": self.field, "reason": self.reason, "skippable": self.skippable}
+        return partial(DataError, **kwargs), (self.problem, self.fix)

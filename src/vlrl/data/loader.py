@@ -15,6 +15,11 @@ processes run ahead, but they draw from the *remaining* batch list, and the coun
 main process as batches come out, not when workers read the indices. The tests check this against
 an uninterrupted run, mid-epoch and across an epoch boundary.
 
+A row that fails when its batch is built (an image changed on disk since the rows were checked)
+is, with ``skip_bad_rows``, replaced by the next row in dataset order that builds and is not in the
+batch, so the batch keeps its size; the replaced rows are counted (``SkippedRows``) and kept in the
+loader's state. The replacement depends only on the data, so a resumed run builds the same batch.
+
 This is a plain iterable rather than a ``torch.utils.data.DataLoader`` on purpose: Lightning
 replaces the sampler of a ``DataLoader`` under distributed strategies, which would discard the
 sharding and the position kept here.
@@ -24,11 +29,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
+
+from vlrl.data.errors import DataError
+
+MAX_REPLACED_PER_BATCH = 64  # more rows of one batch failing means the data changed under the run: stop
 
 
 class ResumableSampler:
@@ -124,14 +134,105 @@ class ResumableSampler:
         self.position = math.ceil(consumed / (self.batch_size * self.world_size))
 
 
+@dataclass
+class SkippedRows:
+    """Rows that failed when their batch was built and were replaced by other rows.
+
+    Attributes:
+        counts: ``prefix + reason`` -> rows replaced; the datamodule passes its ``skipped_rows`` so that
+            these rows are logged with the rows skipped at setup (``data/skipped/train/<reason>``).
+        prefix: the start of each key of ``counts`` (e.g. ``"train/"``).
+        rows: row index -> reason, of every row replaced so far (stored in the loader's state).
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    prefix: str = ""
+    rows: dict[int, str] = field(default_factory=dict)
+
+    def add(self, index: int, reason: str) -> bool:
+        """Record row ``index`` as replaced; False (and nothing counted) if it already was."""
+        if index in self.rows:
+            return False
+        self.rows[index] = reason
+        key = self.prefix + reason
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return True
+
+
+class Built(NamedTuple):
+    """A built batch (None when ``error`` is set), the rows replaced in it, and the error that stopped it."""
+
+    batch: Any
+    replaced: list[tuple[int, DataError]]
+    error: DataError | None = None
+
+
+def build_batch(dataset: Dataset, collate_fn: Callable[[list[Any]], Any], indices: list[int], replace: bool) -> Built:
+    """Collate the items of ``indices``; with ``replace``, an item that raises ``DataError`` is replaced.
+
+    The replacement of row ``i`` is the first of rows ``i+1, i+2, ...`` (wrapping around) that is not in
+    the batch and builds, so the batch depends only on ``indices`` and the data. Errors are returned,
+    not raised, so that they leave a data worker process whole.
+    """
+    items, replaced = [], []
+    taken = set(indices)
+    for index in indices:
+        candidate: int | None = index
+        while True:
+            try:
+                items.append(dataset[candidate])
+                break
+            except DataError as error:
+                if not replace:
+                    return Built(None, replaced, error)
+                replaced.append((candidate, error))
+                candidate = next(
+                    (j for k in range(1, len(dataset)) if (j := (candidate + k) % len(dataset)) not in taken), None
+                )
+                if candidate is None or len(replaced) > MAX_REPLACED_PER_BATCH:
+                    return Built(None, replaced, _too_many(replaced))
+                taken.add(candidate)
+    return Built(collate_fn(items), replaced)
+
+
+def _too_many(replaced: list[tuple[int, DataError]]) -> DataError:
+    return DataError(
+        f"{len(replaced)} rows failed while one batch was built (first: {replaced[0][1].detail}); the data "
+        "probably changed after the run checked it",
+        "check that the data files and images are still in place, then resume",
+        reason="config",
+        skippable=False,
+    )
+
+
+def _as_is(built: Built) -> Built:
+    return built  # a worker's ``Built`` as it is (the default would convert its contents)
+
+
+class _Batches(Dataset):
+    """The pending batches of an epoch as a dataset of ``Built`` items, for worker processes."""
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable, pending: list[list[int]], replace: bool) -> None:
+        self.dataset, self.collate_fn, self.pending, self.replace = dataset, collate_fn, pending, replace
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def __getitem__(self, index: int) -> Built:
+        return build_batch(self.dataset, self.collate_fn, self.pending[index], self.replace)
+
+
 class ResumableLoader:
     """Iterates the batches of ``sampler`` from its position, collating rows of ``dataset``.
 
     Args:
-        dataset: map-style dataset of rows.
+        dataset: map-style dataset of rows; an item that cannot be built raises ``DataError``.
         sampler: the epoch's batches and the position reached (its state is this loader's state).
         collate_fn: turns a list of dataset items into a batch.
         num_workers: worker processes that build batches (0: in the main process).
+        skip_bad_rows: replace a row that fails when its batch is built (see ``build_batch``) instead
+            of raising its ``DataError``.
+        skipped: where replaced rows are recorded (default: a new ``SkippedRows``).
     """
 
     def __init__(
@@ -140,11 +241,15 @@ class ResumableLoader:
         sampler: ResumableSampler,
         collate_fn: Callable[[list[Any]], Any],
         num_workers: int = 0,
+        skip_bad_rows: bool = False,
+        skipped: SkippedRows | None = None,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler  # Lightning calls ``sampler.set_epoch`` through this attribute
         self.collate_fn = collate_fn
         self.num_workers = num_workers
+        self.skip_bad_rows = skip_bad_rows
+        self.skipped = skipped if skipped is not None else SkippedRows()
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -154,21 +259,33 @@ class ResumableLoader:
         if sampler.position >= len(sampler):  # the last epoch was run through without ``set_epoch``
             sampler.set_epoch(sampler.epoch + 1)
         pending = sampler.batches(sampler.epoch)[sampler.position :]
-        for batch in self._build(pending):
+        for built in self._build(pending):
+            for index, error in built.replaced:
+                if self.skipped.add(index, error.reason):
+                    rank_zero_warn(
+                        f"Skipped a row that failed when its batch was built (another row took its place): {error.detail}"
+                    )
+            if built.error is not None:
+                raise built.error
             sampler.position += 1  # counted before the batch is handed out: a checkpoint taken after it includes it
-            yield batch
+            yield built.batch
 
-    def _build(self, pending: list[list[int]]) -> Iterator[Any]:
+    def _build(self, pending: list[list[int]]) -> Iterator[Built]:
         if self.num_workers == 0:
             for indices in pending:
-                yield self.collate_fn([self.dataset[i] for i in indices])
+                yield build_batch(self.dataset, self.collate_fn, indices, self.skip_bad_rows)
             return
-        yield from DataLoader(
-            self.dataset, batch_sampler=pending, collate_fn=self.collate_fn, num_workers=self.num_workers
-        )
+        batches = _Batches(self.dataset, self.collate_fn, pending, self.skip_bad_rows)
+        yield from DataLoader(batches, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
+        return {
+            **self.sampler.state_dict(),
+            "replaced_rows": [[i, reason] for i, reason in sorted(self.skipped.rows.items())],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+        if state["num_rows"] == self.sampler.num_rows:  # row indices of other data mean nothing here
+            for index, reason in state.get("replaced_rows", []):
+                self.skipped.add(int(index), str(reason))

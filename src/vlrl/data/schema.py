@@ -34,7 +34,7 @@ _ALIASES = {"image": "images", "options": "choices"}
 
 @dataclass
 class Row:
-    """One validated row. Image files are checked (header read) but decoded only when used."""
+    """One validated row. Image data is checked to be complete, but decoded for use only when a batch is built."""
 
     id: str
     images: list[ImageRef]
@@ -44,7 +44,8 @@ class Row:
     choices: list[str] | None
     data_source: str
     extras: dict[str, Any] = field(default_factory=dict)
-    where: RowLocation | None = None  # for errors found later (a corrupt image body)
+    where: RowLocation | None = None  # for errors found later (an image changed on disk, a prompt too long)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each image as stored
 
 
 def validate_row(
@@ -74,7 +75,7 @@ def validate_row(
             reason="wrong_type",
         )
     values = _resolve_aliases(record, where)
-    images = _images(values.pop("images", None), where, base_dir)
+    images, sizes = _images(values.pop("images", None), where, base_dir)
     given_question = values.pop("question", None)
     question = _question(given_question, where)
     messages = _messages(values.pop("messages", None), len(images), where)
@@ -97,6 +98,7 @@ def validate_row(
         data_source=_text(values.pop("data_source", None), "data_source", where) or default_source,
         extras=values,
         where=where,
+        image_sizes=sizes,
     )
 
 
@@ -228,14 +230,13 @@ def _choices(value: Any, where: RowLocation) -> list[str] | None:
     return choices or None
 
 
-def _images(value: Any, where: RowLocation, base_dir: Path | None) -> list[ImageRef]:
+def _images(value: Any, where: RowLocation, base_dir: Path | None) -> tuple[list[ImageRef], list[tuple[int, int]]]:
+    """The row's image references and the size of each (every image's data checked to be complete)."""
     if value is None:
-        return []
+        return [], []
     items = value if isinstance(value, (list, tuple)) else [value]
     refs = [_image_ref(item, where, base_dir) for item in items]
-    for ref in refs:
-        probe_image(ref, where, "images")
-    return refs
+    return refs, [probe_image(ref, where, "images") for ref in refs]
 
 
 def _image_ref(item: Any, where: RowLocation, base_dir: Path | None) -> ImageRef:

@@ -210,21 +210,49 @@ class Files(Source):
 
 
 def _jsonl_records(file: Path) -> Iterator[RawRecord]:
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    """The lines of a JSONL file as records; a line that is not UTF-8 or not JSON is a ``DataError`` record.
+
+    Lines are split on ``\\n`` and decoded one by one, so that one bad byte spoils only its line. A
+    UTF-8 byte-order mark opening the file is ignored.
+    """
+    with file.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = RowLocation(str(file), number, "line")
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield RawRecord(where, _bad_encoding(raw, error, where), file.parent)
+                continue
+            line = line.rstrip("\r\n")  # else an error at the end of the line is reported at column 1 of the next
             if not line.strip():
                 continue
-            where = RowLocation(str(file), number, "line")
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
                 value = DataError(
-                    f"is not valid JSON ({error.msg} at column {error.colno})",
+                    f"is not valid JSON: {error.msg} at column {error.pos + 1}, {_near(line, error.pos)}",
                     "fix the line so that it holds exactly one JSON object",
                     where=where,
                     reason="malformed_json",
                 )
             yield RawRecord(where, value, file.parent)
+
+
+def _near(line: str, pos: int, width: int = 20) -> str:
+    """Where character ``pos`` of ``line`` is, shown as the text around it with ``>>>`` before it."""
+    before, after = line[max(0, pos - width) : pos], line[pos : pos + width]
+    return f"here: {before!r} >>> {after!r}" if after else f"at the end of the line, after {before!r}"
+
+
+def _bad_encoding(raw: bytes, error: UnicodeDecodeError, where: RowLocation) -> DataError:
+    column = len(raw[: error.start].decode("utf-8", errors="replace")) + 1
+    return DataError(
+        f"is not UTF-8 text: byte 0x{raw[error.start]:02x} at column {column} (byte {error.start + 1} of the "
+        f"line) {error.reason}",
+        "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl` if it is Latin-1)",
+        where=where,
+        reason="bad_encoding",
+    )
 
 
 def _parquet_records(file: Path) -> Iterator[RawRecord]:
