@@ -107,15 +107,19 @@ def test_server_error_is_retried_then_reported():
         assert len(server.log()["requests"]) == 3
 
 
-def test_client_errors_and_malformed_json_fail_at_once_with_a_clear_error():
+def test_client_errors_fail_at_once_and_malformed_answers_are_retried_a_few_times():
     with ServerProcess(actions=["status:400"]) as server:
         with pytest.raises(ReasonerError, match=r"/v1/chat/completions answered HTTP 400: .*scripted status 400"):
             reasoner_for(server).generate([ask("red")], GREEDY)
         assert len(server.log()["requests"]) == 1  # a bad request is not repeated
-    with ServerProcess(actions=["malformed"]) as server:
-        with pytest.raises(ReasonerError, match=r"answered malformed JSON .*choices"):
-            reasoner_for(server).generate([ask("red")], GREEDY)
-        assert len(server.log()["requests"]) == 1
+    with ServerProcess(actions=["malformed", "malformed", "ok"]) as server:
+        (output,) = reasoner_for(server, malformed_retries=2).generate([ask("red")], GREEDY)
+        assert len(server.log()["requests"]) == 3
+    assert output.text.endswith("\\boxed{red}.")
+    with ServerProcess(actions=["malformed"] * 3) as server:
+        with pytest.raises(ReasonerError, match=r"answered 2 time\(s\) with malformed JSON .*choices.*OpenAI-compatible"):
+            reasoner_for(server, malformed_retries=1).generate([ask("red")], GREEDY)
+        assert len(server.log()["requests"]) == 2
 
 
 def test_dropped_connection_is_retried():
@@ -134,15 +138,15 @@ def test_refused_connection_ends_in_a_clear_error():
 
 
 def test_one_failed_request_fails_the_batch_without_waiting_for_the_rest():
-    with ServerProcess(actions=["malformed"] + ["slow:3"] * 7) as server:
+    with ServerProcess(actions=["status:400"] + ["slow:3"] * 7) as server:
         start = time.monotonic()
-        with pytest.raises(ReasonerError, match="malformed JSON"):
+        with pytest.raises(ReasonerError, match="HTTP 400"):
             reasoner_for(server, max_concurrency=1).generate([ask(str(i)) for i in range(8)], GREEDY)
         assert time.monotonic() - start < 2
         assert len(server.log()["requests"]) == 1  # no request is sent once one has failed
-    with ServerProcess(actions=["slow:3", "malformed"] + ["slow:3"] * 6) as server:
+    with ServerProcess(actions=["slow:3", "status:400"] + ["slow:3"] * 6) as server:
         start = time.monotonic()
-        with pytest.raises(ReasonerError, match="malformed JSON"):
+        with pytest.raises(ReasonerError, match="HTTP 400"):
             reasoner_for(server, max_concurrency=4).generate([ask(str(i)) for i in range(8)], GREEDY)
         assert time.monotonic() - start < 2  # not held up by the slow requests still in flight
         assert len(server.log()["requests"]) <= 4
@@ -161,6 +165,10 @@ def test_truncated_answer_is_reported_as_length():
         ({"max_concurrency": 0}, "max_concurrency=0 must be >= 1"),
         ({"timeout_s": 0}, "timeout_s=0 must be > 0"),
         ({"max_retries": -1}, "max_retries=-1"),
+        ({"outage_budget_s": -1}, "outage_budget_s=-1 must be >= 0 seconds"),
+        ({"backoff_s": 5, "max_backoff_s": 1}, "max_backoff_s=1 must be >= backoff_s=5"),
+        ({"max_n": 0}, "max_n=0 must be >= 1"),
+        ({"max_model_len": 0}, "max_model_len=0 must be >= 1 tokens"),
     ],
 )
 def test_http_settings_are_validated(kwargs, message):

@@ -26,13 +26,14 @@ from vlrl.rewards.functions import (
     reward_kwargs,
 )
 from vlrl.rewards.grading import is_correct
-from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, judged_correctly
+from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, both_orders, judged_correctly
 from vlrl.rewards.reasoners import (
     HFReasoner,
     OpenAIReasoner,
     Reasoner,
     ReasonerError,
     ReasonerOutput,
+    ReasonerUnavailable,
     VLLMReasoner,
 )
 from vlrl.rewards.rethinking import InvalidResponsePenalty, NativeWaitBonus, count_waits, invalid_reason
@@ -52,6 +53,7 @@ __all__ = [
     "Reasoner",
     "ReasonerError",
     "ReasonerOutput",
+    "ReasonerUnavailable",
     "RewardFunction",
     "RewardScores",
     "RewardUnavailable",
@@ -59,6 +61,7 @@ __all__ = [
     "ThinkFormatReward",
     "VLLMReasoner",
     "answer_tag",
+    "both_orders",
     "correct_by_rewards",
     "count_waits",
     "extract_answer",

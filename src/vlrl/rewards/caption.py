@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,10 +27,12 @@ import torch
 
 from vlrl.data.prompts import check_template_fields, prompt_text
 from vlrl.rewards.functions import AccuracyReward
-from vlrl.rewards.reasoners import Messages, Reasoner, ReasonerError, ReasonerOutput
+from vlrl.rewards.reasoners import Messages, OpenAIReasoner, Reasoner, ReasonerError, ReasonerOutput
 from vlrl.rollout.base import Sampling
 
 __all__ = ["CaptionReward", "CaptionScores"]
+
+log = logging.getLogger(__name__)
 
 REASONER_SYSTEM_PROMPT = "You are a helpful assistant."
 REASONER_PROMPT = (
@@ -55,13 +58,14 @@ class CaptionScores:
 
     @property
     def stats(self) -> dict[str, float]:
-        """Step-level figures: accuracy, answer length in tokens, truncated fraction, latency."""
+        """Step-level figures: accuracy, answer length in tokens, truncated and shortened fractions, latency."""
         answers = [o for group in self.outputs for o in group]
         count = max(len(answers), 1)
         return {
             "reasoner/accuracy": self.correct.mean().item() if self.correct.numel() else 0.0,
             "reasoner/response_length": sum(o.num_tokens for o in answers) / count,
             "reasoner/truncated_frac": sum(o.finish_reason == "length" for o in answers) / count,
+            "reasoner/shortened_frac": sum(o.shortened for o in answers) / count,
             "reasoner/latency_s": self.latency_s,
         }
 
@@ -106,9 +110,43 @@ class CaptionReward:
         self.joint_prompt = joint_prompt
         self.grade = AccuracyReward(truncated_score=0.0)
 
-    def setup(self, device: torch.device) -> None:
-        """Load the reasoner (once) onto ``device``."""
+    def setup(self, device: torch.device, caption_tokens: int | None = None) -> None:
+        """Load the reasoner (once) onto ``device``; with ``caption_tokens``, check its context first.
+
+        A served reasoner whose context (``max_model_len``) is known and whose tokenizer is named
+        (``OpenAIReasoner``) is checked before the first step: the reasoner prompt around an empty
+        caption and question, plus ``caption_tokens`` (the longest caption), plus the answer budget
+        ``sampling.max_new_tokens``, must fit. If even the prompt and the caption leave no room for
+        an answer, this raises; if only the full answer budget does not fit, it warns (long
+        captions' answers are shortened at run time, ``reasoner/shortened_frac``).
+        """
         self.reasoner.setup(device)
+        if caption_tokens is None or not isinstance(self.reasoner, OpenAIReasoner):
+            return
+        context = self.reasoner.max_model_len
+        fixed = self.reasoner.prompt_tokens(self.build_prompts([""], [""], [None])[0])
+        if context is None or fixed is None:
+            return
+        answer = max(self.sampling.max_new_tokens, self.eval_sampling.max_new_tokens)
+        need = fixed + caption_tokens + answer
+        if fixed + caption_tokens >= context:
+            raise ValueError(
+                f"the reasoner's context max_model_len={context} at {self.reasoner.base_url} holds no answer: the "
+                f"prompt takes {fixed} tokens and a caption up to {caption_tokens}; serve the reasoner with "
+                f"--max-model-len {need} or more (plus the longest question), or shorten the captions"
+            )
+        if need > context:
+            log.warning(
+                "the reasoner's context max_model_len=%d is less than prompt (%d) + caption (%d) + answer (%d) "
+                "tokens = %d (plus the question): answers to long captions will be shortened to fit; serve with "
+                "--max-model-len %d or more to avoid it",
+                context,
+                fixed,
+                caption_tokens,
+                answer,
+                need,
+                need,
+            )
 
     def build_prompts(
         self,
