@@ -6,6 +6,7 @@
 
 from vlrl.callbacks.averaging import CheckpointAveraging
 from vlrl.callbacks.curriculum import SequenceLengthCurriculum
+from vlrl.callbacks.dynamic_sampling import DynamicSampling
 from vlrl.callbacks.preemption import Preemption
 from vlrl.callbacks.random_state import RandomState
 from vlrl.callbacks.replay import SelectiveSampleReplay
@@ -16,6 +17,7 @@ from vlrl.hooks import RLCallback
 
 __all__ = [
     "CheckpointAveraging",
+    "DynamicSampling",
     "ForcedRethinking",
     "Preemption",
     "RandomState",

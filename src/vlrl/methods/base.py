@@ -41,7 +41,9 @@ from vlrl.methods.plan import UpdatePlan, plan_update
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, to_device
 from vlrl.models.loading import Policy
+from vlrl.models.vision import with_shared_vision
 from vlrl.rewards import RewardFunction, is_correct, score
+from vlrl.rewards.runner import FailureStreaks
 from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import PromptBatch, Rollout
 
@@ -73,8 +75,11 @@ class RLMethod(PolicyModule):
         optimizer: Optimizer factory for the trainable parameters.
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
         max_grad_norm: Clip the gradient norm to this value (``None`` = no clipping).
-        reward_time_budget_s: Time allowed to all reward functions of one step; late or failing
+        reward_time_budget_s: Time allowed to each reward function's call in a step; late or failing
             rewards score 0 and are counted in ``reward/failures``.
+        max_reward_failure_steps: A reward that gives no usable score (raises, times out, crashes,
+            returns no finite value) this many steps in a row, on any device, stops the run with an
+            error naming it; null never stops.
         seed: Seed of the rollout sampling (combined with the step, so a resumed run samples
             as the uninterrupted one would).
         max_nonfinite_steps: An optimizer step whose gradients hold NaN/inf is skipped (weights and
@@ -103,6 +108,7 @@ class RLMethod(PolicyModule):
         reward_time_budget_s: float = 120.0,
         seed: int = 0,
         max_nonfinite_steps: int = 3,
+        max_reward_failure_steps: int | None = 50,
     ) -> None:
         super().__init__(
             policy=policy,
@@ -134,6 +140,7 @@ class RLMethod(PolicyModule):
         self.micro_batch_size = micro_batch_size
         self.epochs = epochs
         self.reward_time_budget_s = reward_time_budget_s
+        self.reward_failures = FailureStreaks(max_reward_failure_steps)
 
     # ----------------------------------------------------------------------------------- setup
     @property
@@ -186,26 +193,34 @@ class RLMethod(PolicyModule):
     # ------------------------------------------------------------------------------ the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        rollout = self.generate(batch, self.sampling, self.group_size)  # 1. sample G responses each
-        rollout_time = time.perf_counter() - start
-        sampled_tokens = float(rollout.response_mask.sum())
-        rollout = self.run_callbacks("on_rollout_end", rollout)  # 2. e.g. forced rethinking
-        rollout = self.score(rollout)  # 3. rewards
-        rollout.values = self.compute_values(rollout)  # 4. critic values (None without a critic)
-        rollout.advantages = self.compute_advantages(rollout)  #    advantages (group, or GAE on the values)
+        rollout = self.sample(batch)  # 1.-4. responses, on_rollout_end callbacks, rewards, values, advantages
         metrics = self.rollout_metrics(rollout)  # measured on what was sampled, before reshaping
-        rollout = self.run_callbacks("on_advantages_computed", rollout)  # 5. e.g. sample replay
-        metrics.update(rollout.stats)  # what the callbacks measured
+        rollout = self.run_callbacks("on_advantages_computed", rollout)  # 5. e.g. dynamic sampling, sample replay
+        metrics.update(rollout.stats)  # what the callbacks measured (dynamic sampling adds its draws' perf figures)
         if len(rollout) == 0:
             self.log_dict({**metrics, "update/skipped": 1.0}, prog_bar=False)
             return
         self.prepare_update(rollout)  # 6. reference log-probs
         metrics.update(self.update(rollout))  # 7. policy optimizer steps (then the critic's, if any)
         self.rollout_engine.update_weights(self.model)  # 8. the next rollout samples the new policy
-        metrics["perf/rollout_s"] = rollout_time
-        metrics["perf/rollout_tokens_per_s"] = sampled_tokens / max(rollout_time, 1e-9)
+        metrics["perf/rollout_tokens_per_s"] = metrics["perf/rollout_tokens"] / max(metrics["perf/rollout_s"], 1e-9)
         metrics["perf/step_s"] = time.perf_counter() - start
         self.log_metrics(metrics)  # 9.
+
+    def sample(self, batch: PromptBatch) -> Rollout:
+        """Steps 1-4 of the step for the prompts of ``batch``: ``group_size`` responses each, the
+        ``on_rollout_end`` callbacks, rewards, critic values and advantages. A callback that draws more
+        prompts within a step (``DynamicSampling``) samples them with this; ``Rollout.stats`` gets the
+        sampling time and tokens (``perf/rollout_s``, ``perf/rollout_tokens``)."""
+        start = time.perf_counter()
+        rollout = self.generate(batch, self.sampling, self.group_size)  # 1. sample G responses each
+        rollout.stats["perf/rollout_s"] = time.perf_counter() - start
+        rollout.stats["perf/rollout_tokens"] = float(rollout.response_mask.sum())
+        rollout = self.run_callbacks("on_rollout_end", rollout)  # 2. e.g. forced rethinking
+        rollout = self.score(rollout)  # 3. rewards
+        rollout.values = self.compute_values(rollout)  # 4. critic values (None without a critic)
+        rollout.advantages = self.compute_advantages(rollout)  #    advantages (group, or GAE on the values)
+        return rollout
 
     def generate(self, batch: PromptBatch, sampling: Sampling, group_size: int) -> Rollout:
         """Encode the prompts and sample ``group_size`` responses for each."""
@@ -244,6 +259,12 @@ class RLMethod(PolicyModule):
         rollout.rewards = scores.total
         rollout.reward_components = scores.components
         rollout.stats.update({f"reward/failures/{k}": float(v) for k, v in scores.failures.items()})
+        names = [fn.name for fn in self.rewards]
+        unusable = torch.tensor([float(name in scores.unusable) for name in names])  # [R]
+        if self._trainer is not None:  # every rank counts alike, so that all stop at the same step
+            unusable = self.all_reduce(unusable, op="max")
+        failed = [name for name, bad in zip(names, unusable.tolist(), strict=True) if bad]
+        self.reward_failures.update({n: scores.unusable.get(n, "failed on another device") for n in failed}, names)
         return rollout
 
     def compute_values(self, rollout: Rollout) -> torch.Tensor | None:
@@ -280,8 +301,8 @@ class RLMethod(PolicyModule):
 
     def loss_terms(self, rollout: Rollout) -> dict[str, Any]:
         """The method's keyword arguments of ``policy_objective`` for ``rollout``: its ``policy_term`` (the
-        clipped surrogate, or a new variant's function), and optionally ``is_weights``, ``ref_logprobs``,
-        ``kl_coef``, ``kl_estimator``, ``entropy_coef``."""
+        clipped surrogate, or a new variant's function such as ``gspo_loss``, ``cispo_loss``), and optionally
+        ``is_weights``, ``ref_logprobs``, ``kl_coef``, ``kl_estimator``, ``entropy_coef``, ``off_policy_delta``."""
         raise NotImplementedError
 
     @property
@@ -368,7 +389,8 @@ class RLMethod(PolicyModule):
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
         width = rollout.response_ids.shape[1]
         # logits of the response positions only: none (and no gradient) for the prompt's
-        output = model(**self.model_inputs(rollout), use_cache=False, logits_to_keep=width + 1)
+        inputs = with_shared_vision(model, rollout.prompts, self.model_inputs(rollout))  # one tower pass per image
+        output = model(**inputs, use_cache=False, logits_to_keep=width + 1)
         logits = output.logits[:, :-1]  # [n, T, V]
         temperature = self.sampling.temperature or 1.0
         response = rollout.response_ids.to(self.device)
