@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from vlrl.rewards.extract import extract_boxed
 from vlrl.rewards.grading import is_correct
@@ -58,13 +58,32 @@ class RewardUnavailable(RuntimeError):
 class RewardFunction:
     """Base of the reward callables: holds ``name`` and ``weight`` and validates them.
 
-    Subclasses implement ``__call__`` with the protocol of this module's docstring.
+    Subclasses implement ``__call__`` with the protocol of this module's docstring, and say where the
+    reward runner calls them with the class attribute ``isolation``:
+
+    - ``"process"`` (the default): in a worker process of the runner (``vlrl.rewards.runner``), so that
+      a call past the time budget is stopped and a CPU-bound one does not slow training. For
+      pure-Python rewards: the reward is pickled for each call (keep it small, no model), gets
+      ``images=None`` (pixels are not copied between processes), and changes it makes to its own
+      attributes stay in the worker.
+    - ``"thread"``: in a thread of the trainer, for rewards that hold a model, a GPU or a client
+      (``JudgeReward``); a hung call can only be abandoned. A subclass that defines ``setup`` (to
+      load a model) is ``"thread"`` unless its class body sets ``isolation`` itself.
 
     Args:
         name: key of this reward in metrics and in ``RewardScores.components``; defaults to the
             snake_case class name (``AccuracyReward`` -> ``accuracy``).
         weight: factor of this reward in the total reward.
     """
+
+    isolation: ClassVar[Literal["process", "thread"]] = "process"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "setup" in vars(cls) and "isolation" not in vars(cls):
+            cls.isolation = "thread"  # it loads a model: never pickled into a worker
+        if cls.isolation not in ("process", "thread"):
+            raise ValueError(f"{cls.__name__}.isolation={cls.isolation!r} must be 'process' or 'thread'")
 
     def __init__(self, name: str | None = None, weight: float = 1.0) -> None:
         if name is not None and (not isinstance(name, str) or not name.strip()):
