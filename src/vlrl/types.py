@@ -80,6 +80,8 @@ class EncodedPrompt:
     media_inputs: dict[str, torch.Tensor]
     images: list[Image.Image] = field(default_factory=list)  # the prompt's images as given to the processor
     # (an engine that runs its own processor, such as vLLM, encodes them again)
+    vision: dict[Any, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False, compare=False)
+    # image features of a frozen vision tower, kept by the first pass that computed them (vlrl.models.vision)
 
     @property
     def length(self) -> int:

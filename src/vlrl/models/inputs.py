@@ -55,7 +55,7 @@ def extend_prompt(prompt: EncodedPrompt, tokens: torch.Tensor) -> EncodedPrompt:
     for key, value in prompt.token_inputs.items():
         fill = tokens if key == "input_ids" else torch.full_like(tokens, 1 if key == "attention_mask" else 0)
         token_inputs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-    return EncodedPrompt(token_inputs=token_inputs, media_inputs=prompt.media_inputs, images=prompt.images)
+    return EncodedPrompt(token_inputs, prompt.media_inputs, images=prompt.images, vision=prompt.vision)  # same images
 
 
 def collate(

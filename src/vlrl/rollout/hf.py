@@ -13,12 +13,13 @@ import math
 from dataclasses import replace
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import Cache, LogitsProcessor, LogitsProcessorList
 
 from vlrl.algorithms import token_logprobs
-from vlrl.models.inputs import collate, cut_at_stop, to_device
+from vlrl.models.inputs import TOKEN_KEYS, collate, cut_at_stop, to_device
 from vlrl.models.loading import pad_token_id, stop_token_ids
 from vlrl.models.sharding import gathered, needs_synced_generation
+from vlrl.models.vision import PIXELS, base_model, with_shared_vision
 from vlrl.rollout.base import Generation, Sampling, generation_config
 from vlrl.types import EncodedPrompt
 
@@ -40,11 +41,18 @@ class HFEngine:
         max_batch_size: Most sequences per ``generate`` call (``None``: all at once).
         suppress_vision_tokens: Never sample image/video/vision-boundary tokens (a random or
             lightly trained VLM otherwise emits them, and they break re-encoding).
+        share_prefill: Prefill each distinct prompt of a call once (its images through the vision tower
+            once) and give every sample of it a copy of that key/value cache, instead of prefilling the
+            ``G`` copies; the samples and log-probs are the same up to float rounding. ``False``: HF's
+            own prefill of every row (the vision tower still runs once per distinct prompt).
     """
 
-    def __init__(self, max_batch_size: int | None = None, suppress_vision_tokens: bool = True) -> None:
+    def __init__(
+        self, max_batch_size: int | None = None, suppress_vision_tokens: bool = True, share_prefill: bool = True
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.suppress_vision_tokens = suppress_vision_tokens
+        self.share_prefill = share_prefill
         self.model: torch.nn.Module | None = None
 
     def bind(self, model: torch.nn.Module, processor: object) -> None:
@@ -81,6 +89,11 @@ class HFEngine:
 
     def _generate(self, prompts: list[EncodedPrompt], sampling: Sampling, device: torch.device) -> Generation:
         batch = to_device(collate(prompts, self.pad_id), device, self.model.dtype)
+        cache = self._shared_prefill(prompts, batch, device) if self.share_prefill else None
+        if cache is None:
+            batch = with_shared_vision(self.model, prompts, batch)  # the tower once per distinct prompt
+        else:  # the images are in the cache: generate only feeds the last prompt token
+            batch = {k: v for k, v in batch.items() if k != PIXELS} | {"cache": cache}
         greedy = sampling.temperature == 0
         # plain temperature sampling (the RL default) is done by the recorder; top-k/top-p by HF's warpers
         own_sampling = not greedy and not sampling.top_k and sampling.top_p >= 1.0
@@ -106,6 +119,35 @@ class HFEngine:
             logprobs=logprobs * mask,
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
+
+    def _shared_prefill(self, prompts: list[EncodedPrompt], batch: dict, device: torch.device) -> Cache | None:
+        """The key/value cache of ``batch`` but its last column, from one prefill per distinct prompt.
+
+        The distinct prompts (the same ``EncodedPrompt`` object, as the ``G`` samples of a group hold) are
+        prefilled left-padded to the batch's width less one, so each row's cache is the one its own
+        prefill would make; the cache rows (and, for multimodal RoPE, the position offsets the model
+        keeps for decoding) are then copied out to the samples. ``generate`` then feeds the last prompt
+        token, which is a text token of every row. ``None`` when no prompt repeats (nothing to share).
+        """
+        first: dict[int, int] = {}
+        index = [first.setdefault(id(p), len(first)) for p in prompts]  # row -> distinct prompt
+        width = batch["input_ids"].shape[1]
+        if len(first) == len(prompts) or width < 2:
+            return None
+        unique = list({id(p): p for p in prompts}.values())
+        head = to_device(collate(unique, self.pad_id), device, self.model.dtype)  # [B, P]: same width
+        head = {k: v[:, :-1] if k in TOKEN_KEYS else v for k, v in head.items()}  # [B, P - 1]
+        inner = getattr(base_model(self.model), "model", None)
+        if getattr(inner, "get_rope_index", None) is None:  # 1-D RoPE: positions follow the mask, as in generate
+            mask = head["attention_mask"].long()  # [B, P - 1]
+            head["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P - 1]
+        head = with_shared_vision(self.model, unique, head)
+        cache = self.model(**head, use_cache=True, logits_to_keep=1).cache
+        rows = torch.tensor(index, device=device)  # [N]
+        cache.batch_select_indices(rows)
+        if getattr(inner, "rope_deltas", None) is not None:  # Qwen-VL: decoding positions = text positions + delta
+            inner.rope_deltas = inner.rope_deltas[rows]  # [N, 1]
+        return cache
 
 
 class StepLogprobs(LogitsProcessor):
