@@ -24,15 +24,33 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 from sympy import Basic, Integer, Pow, factorial, preorder_traversal
 
-from vlrl.rewards.extract import extract_answer
+from vlrl.rewards.extract import extract_answer, read_final_answer
 
-__all__ = ["is_correct", "math_equal", "choice_letter"]
+__all__ = ["MODES", "Grade", "Mode", "choice_letter", "closest_option", "grade_answer", "is_correct", "math_equal"]
+
+Mode = Literal["reward", "benchmark"]
+MODES: tuple[str, ...] = ("reward", "benchmark")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """A graded response: whether it is right, and the answer read from it.
+
+    ``extracted`` is the option letter for a recognised multiple-choice answer, else the answer text
+    as read; None when the response states no answer.
+    """
+
+    correct: bool
+    extracted: str | None
+
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +65,21 @@ _MAIN_TIMEOUT_S = 5
 
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox)\s*\{([^{}]*)\}")
 _LETTER_ALONE = re.compile(r"^\(?\s*([A-J])\s*\)?\s*[.:]?$")
-_LETTER_LEAD = re.compile(r"^\(([A-J])\)|^([A-J])(?:[.:)]|\s+-)\s")
 _PLAIN_NUMBER = re.compile(r"^[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)$")
 _LETTER_LINE = re.compile(r"^[ \t*]*\(?([A-J])\)?[.:]?[ \t*]*$", re.MULTILINE)
 _OPTION_WORD = re.compile(r"^(?:option|choice)\s*:?\s*", re.IGNORECASE)
+_LETTER_WITH_VALUE = (  # "(B) 5", "B. 5", "B: 5", "B) 5", "B - 5", "B (5)"
+    re.compile(r"^\(([A-J])\)\s*[.:,]?\s*(.+)$", re.DOTALL),
+    re.compile(r"^([A-J])(?:[.:)]|\s+-)\s+(.+)$", re.DOTALL),
+    re.compile(r"^([A-J])\s+\((.+)\)$", re.DOTALL),
+)
+_LETTER_PART = re.compile(r"^\(([A-J])\)|^([A-J])(?:$|[.:)]|\s+-|\s+\()")
+_HEDGE_SPLIT = re.compile(r"\s*(?:,|;|/|&|\bor\b|\band\b)\s*", re.IGNORECASE)
+_BOX_PAIR = re.compile(  # two boxes joined by "or", "and", a comma or a slash
+    r"\\boxed\{([^{}]*)\}\$?\s*(?:,|/|\bor\b|\band\b|\\(?:text|mbox)\{\s*or\s*\})\s*\$?\s*\\boxed\{([^{}]*)\}"
+)
+_OR = re.compile(r"\s(?:or|\\lor)\s|\\text\{\s*or\s*\}", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])[-+]?\.\d+")
 
 
 def _timeouts() -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -144,34 +173,112 @@ def math_equal(gold: str, pred: str) -> bool:
     return verify(list(gold_parsed), list(pred_parsed), **verify_kwargs)
 
 
+def _numbers(text: str) -> list[float]:
+    """The plain decimal numbers in ``text``, in order (``"96 m^2"`` -> ``[96.0, 2.0]``)."""
+    return [float(n.replace(",", "")) for n in _NUMBER.findall(_TEXT_WRAPPER.sub(r"\1", text))]
+
+
+def _names_option(text: str, option: str) -> bool:
+    """Whether ``text`` states the option text ``option`` (as text or as the same mathematics)."""
+    return _normalize_text(text) == _normalize_text(option) or math_equal(option, text)
+
+
+def _agrees(value: str, letter: str, choices: list[str] | None) -> bool:
+    """Whether the value written after a letter ("(C) 96 m^2") agrees with that option's text.
+
+    It disagrees when it states another option's text, or when both hold numbers and the numbers
+    differ; prose after the letter ("B, because ...") and options that are bare letters agree.
+    """
+    if not choices:
+        return True
+    option = choices[LETTERS.index(letter)]
+    if _normalize_text(option) in ("", letter.lower()) or _names_option(value, option):
+        return True
+    if any(_names_option(value, other) for other in choices if other != option):
+        return False
+    value_numbers, option_numbers = _numbers(value), _numbers(option)
+    return not (value_numbers and option_numbers and value_numbers != option_numbers)
+
+
+def _read_choice(pred: str, choices: list[str] | None) -> tuple[str | None, bool]:
+    """(letter, named) of a predicted answer: ``named`` is True when it names option letters at all.
+
+    ``(None, True)`` is an answer that names options but no single valid one: several letters ("A or
+    B", "(A), (C)"), a letter that does not exist, or a letter whose value contradicts its option.
+    ``(None, False)`` names no option.
+    """
+    n_letters = len(choices) if choices else 5
+    valid = LETTERS[:n_letters]
+    text = _TEXT_WRAPPER.sub(r"\1", pred).replace("$", "").strip()
+    text = _OPTION_WORD.sub("", text).strip()
+    parts = [p for p in _HEDGE_SPLIT.split(text) if p]
+    lettered = {m.group(1) or m.group(2) for p in parts if (m := _LETTER_PART.match(p))}
+    if len(parts) > 1 and len(lettered) > 1:  # a list of options is no answer
+        return None, True
+    match = _LETTER_ALONE.match(text)
+    if match:
+        letter = match.group(1)
+        return (letter, True) if letter in valid else (None, True)
+    for pattern in _LETTER_WITH_VALUE:
+        match = pattern.match(text)
+        if match:
+            letter, value = match.group(1), match.group(2).strip()
+            if letter not in valid or not _agrees(value, letter, choices):
+                return None, True
+            return letter, True
+    if not choices:
+        return None, False
+    target = _normalize_text(pred)
+    for letter, option in zip(valid, choices, strict=False):
+        if _normalize_text(option) == target:
+            return letter, False
+    for letter, option in zip(valid, choices, strict=False):
+        if math_equal(option, pred):
+            return letter, False
+    return None, False
+
+
 def choice_letter(pred: str, choices: list[str] | None) -> str | None:
     """The option letter a predicted answer names: ``B``, ``(B)``, ``B.``, "option B", or the option text.
+
+    None when it names none, several ("A or B"), or a letter whose value contradicts its option.
 
     Example:
         >>> choice_letter("(C) 15", ["5", "10", "15"])
         'C'
         >>> choice_letter("10", ["5", "10", "15"])
         'B'
+        >>> choice_letter("(C) 10", ["5", "10", "15"]) is None
+        True
     """
-    n_letters = len(choices) if choices else 5
-    valid = LETTERS[:n_letters]
-    text = _TEXT_WRAPPER.sub(r"\1", pred).replace("$", "").strip()
-    text = _OPTION_WORD.sub("", text).strip()
-    for pattern in (_LETTER_ALONE, _LETTER_LEAD):
-        match = pattern.match(text)
-        if match:
-            letter = next(g for g in match.groups() if g)
-            return letter if letter in valid else None
-    if not choices:
-        return None
-    target = _normalize_text(pred)
-    for letter, option in zip(valid, choices, strict=False):
-        if _normalize_text(option) == target:
-            return letter
-    for letter, option in zip(valid, choices, strict=False):
-        if math_equal(option, pred):
-            return letter
-    return None
+    return _read_choice(pred, choices)[0]
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance of two strings (insertions, deletions and substitutions cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def closest_option(pred: str, choices: list[str]) -> str:
+    """The letter of the option closest to ``pred`` in edit distance (the first of equals): MathVista's
+    reading of an answer that names no option; a ``(X)`` letter in ``pred`` is what is compared.
+
+    Example:
+        >>> closest_option("smaller", ["larger than", "equal to", "smaller than"])
+        'C'
+        >>> closest_option("(C) Cannot be determined", ["Yes", "No"])
+        'B'
+    """
+    letter = re.search(r"\(([a-zA-Z])\)", pred)
+    text = letter.group(1).upper() if letter else pred.strip()
+    distances = [_edit_distance(text, option) for option in choices]
+    return LETTERS[distances.index(min(distances))]
 
 
 def _gold_letter(answer: str, choices: list[str] | None) -> str | None:
@@ -188,33 +295,165 @@ def _gold_letter(answer: str, choices: list[str] | None) -> str | None:
     return None
 
 
-def _grade(response: str, answer: str, choices: list[str] | None) -> bool:
-    pred = extract_answer(response)
-    gold_letter = _gold_letter(answer, choices)
-    if gold_letter is not None:
-        if pred is None:  # a multiple-choice answer may stand alone on a line: "(D)"
-            lines = _LETTER_LINE.findall(response)
-            return bool(lines) and lines[-1] == gold_letter
-        letter = choice_letter(pred, choices)
-        if letter is not None:
-            return letter == gold_letter
-        gold_text = choices[LETTERS.index(gold_letter)] if choices else answer
-        return math_equal(gold_text, pred)
-    if pred is None:
+def _hedged(pred: str, answer: str) -> bool:
+    """Whether a free-form answer offers alternatives ("3 or 4") that the gold answer does not."""
+    return _OR.search(pred) is not None and _OR.search(answer) is None
+
+
+def _boxes_disagree(response: str) -> bool:
+    """Whether the last two ``\\boxed{}`` are offered as alternatives ("\\boxed{3} or \\boxed{4}", a hedge);
+    a later box after other words ("\\boxed{13}. No: \\boxed{12}") is a correction, not a hedge."""
+    pairs = list(_BOX_PAIR.finditer(response))
+    if not pairs:
         return False
-    return math_equal(answer, pred)
+    last = pairs[-1]  # it must hold the final box
+    return last.end() >= response.rfind("\\boxed") and last.group(1).strip() != last.group(2).strip()
 
 
-def is_correct(response: str, answer: str, choices: list[str] | None = None) -> bool:
+def _strip_unit(pred: str, unit: str | None) -> str:
+    """``pred`` without the benchmark's unit word after the value (``"12 years"`` -> ``"12"``)."""
+    if not unit:
+        return pred
+    return re.sub(rf"\s*(?:\\(?:text|mathrm)\s*\{{\s*)?{re.escape(unit.strip())}\}}?\s*$", "", pred.strip()).strip()
+
+
+def _value_of(pred: str) -> float | None:
+    """The number a predicted answer states: a plain number, one number in a phrase, or math-verify's value."""
+    number = _as_number(_normalize_text(pred))
+    if number is not None:
+        return number
+    numbers = _numbers(pred)
+    if len(numbers) == 1 and not re.search(r"\\frac|\\sqrt|\^|/|\\pi", pred):
+        return numbers[0]
+    for parsed in _parse(pred):
+        try:
+            if isinstance(parsed, Basic) and parsed.is_number:
+                return float(parsed.evalf())
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _numeric_equal(gold: str, pred: str, answer_type: str, precision: int | None) -> bool:
+    """MathVista's numeric rule: an integer answer is the predicted value cut to an integer, a float
+    answer is rounded to ``precision`` decimals, and both are compared with the gold."""
+    value, gold_value = _value_of(pred), _as_number(_normalize_text(gold))
+    if value is None or gold_value is None:
+        return False
+    if answer_type == "integer":
+        return int(value) == int(gold_value)
+    digits = 2 if precision is None else int(precision)
+    return round(value, digits) == round(gold_value, digits)
+
+
+def _grade(
+    response: str,
+    answer: str,
+    choices: list[str] | None,
+    mode: Mode,
+    answer_type: str | None,
+    precision: int | None,
+    unit: str | None,
+    closest: bool,
+) -> Grade:
+    gold_letter = _gold_letter(answer, choices)
+    numeric = gold_letter is None and _value_of(answer) is not None
+    if mode == "reward":
+        if _boxes_disagree(response):
+            return Grade(False, extract_answer(response))
+        pred = extract_answer(response)
+        if pred is None and gold_letter is not None:  # a multiple-choice answer may stand alone on a line: "(D)"
+            lines = _LETTER_LINE.findall(response)
+            pred = lines[-1] if lines else None
+    else:
+        pred = read_final_answer(response, choices, numeric)
+    if pred is None:
+        return Grade(False, None)
+    if gold_letter is not None:
+        letter, named = _read_choice(pred, choices)
+        if letter is not None or named:
+            return Grade(letter == gold_letter, letter or pred)
+        gold_text = choices[LETTERS.index(gold_letter)] if choices else answer
+        if math_equal(gold_text, pred):
+            return Grade(True, gold_letter)
+        if mode == "benchmark" and closest and choices:
+            letter = closest_option(pred, choices)
+            return Grade(letter == gold_letter, letter)
+        return Grade(False, pred)
+    if _hedged(pred, answer):
+        return Grade(False, pred)
+    pred = _strip_unit(pred, unit) if mode == "benchmark" else pred
+    if mode == "benchmark" and answer_type in ("integer", "float"):
+        return Grade(_numeric_equal(answer, pred, answer_type, precision), pred)
+    return Grade(math_equal(answer, pred), pred)
+
+
+def grade_answer(
+    response: str,
+    answer: str,
+    choices: list[str] | None = None,
+    *,
+    mode: Mode = "reward",
+    answer_type: str | None = None,
+    precision: int | None = None,
+    unit: str | None = None,
+    closest_option: bool = False,
+) -> Grade:
+    """Grade ``response`` against the gold ``answer``: whether it is right, and the answer it gives.
+
+    Arguments as ``is_correct``; never raises (any internal error grades wrong, with no answer read).
+
+    Example:
+        >>> grade_answer("Thus, the answer is B (5).", "5", ["4", "5", "6"], mode="benchmark")
+        Grade(correct=True, extracted='B')
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a grading mode; use 'reward' (strict) or 'benchmark'")
+    if not isinstance(response, str) or not isinstance(answer, str):
+        return Grade(False, None)
+    try:
+        return _grade(response, answer, choices or None, mode, answer_type, precision, unit, closest_option)
+    except (Exception, TimeoutException):  # noqa: BLE001 - grading must never take a training step down
+        log.debug("grading failed", exc_info=True)
+        return Grade(False, None)
+
+
+def is_correct(
+    response: str,
+    answer: str,
+    choices: list[str] | None = None,
+    *,
+    mode: Mode = "reward",
+    answer_type: str | None = None,
+    precision: int | None = None,
+    unit: str | None = None,
+    closest_option: bool = False,
+) -> bool:
     """Whether ``response`` states the gold ``answer`` as its final answer.
 
     Safe to call from any thread; never raises (any internal error grades ``False``).
 
     Args:
         response: the model's full response.
-        answer: the gold answer: a value (``"\\\\frac{1}{2}"``, ``"60"``) or, for multiple choice,
+        answer: the gold answer: a value (``"\\frac{1}{2}"``, ``"60"``) or, for multiple choice,
             a letter or the option text.
         choices: the option texts of a multiple-choice question, in letter order; None otherwise.
+        mode: ``"reward"`` (strict: what a policy is paid for) reads only a marked answer (last
+            ``\\boxed{}``, ``<answer>``, "the answer is", a letter alone on a line) and grades wrong
+            hedges ("3 or 4", "A or B", two different boxes on the final line); ``"benchmark"``
+            reads answers as benchmarks' own evaluation does: also "the correct option is", unmarked
+            final answers (the last sentence's number, the option named), and MathVista's numeric
+            rules. A letter whose value contradicts its option ("(C) 96", option C is 144) is wrong
+            in both modes.
+        answer_type: the benchmark's answer type (MathVista: ``integer``, ``float``, ``text``,
+            ``list``); in benchmark mode an ``integer`` answer is the predicted value cut to an
+            integer and a ``float`` one is rounded to ``precision`` decimals.
+        precision: decimals a ``float`` answer is rounded to (MathVista's ``precision``; default 2).
+        unit: the benchmark's unit of the answer (``"years"``), removed after a predicted value in
+            benchmark mode.
+        closest_option: in benchmark mode, read a multiple-choice answer that names no option as the
+            option closest to it in edit distance, as MathVista's evaluation does (it then credits
+            some answers such as "cannot be determined"); never in reward mode.
 
     Returns:
         True if the final answer is equivalent to the gold answer.
@@ -224,11 +463,18 @@ def is_correct(response: str, answer: str, choices: list[str] | None = None) -> 
         True
         >>> is_correct("The answer is (B).", "B", ["2", "3", "4"])
         True
+        >>> is_correct("The bar has a value of 1.", "1")
+        False
+        >>> is_correct("The bar has a value of 1.", "1", mode="benchmark")
+        True
     """
-    if not isinstance(response, str) or not isinstance(answer, str):
-        return False
-    try:
-        return bool(_grade(response, answer, choices or None))
-    except (Exception, TimeoutException):  # noqa: BLE001 - grading must never take a training step down
-        log.debug("grading failed", exc_info=True)
-        return False
+    return grade_answer(
+        response,
+        answer,
+        choices,
+        mode=mode,
+        answer_type=answer_type,
+        precision=precision,
+        unit=unit,
+        closest_option=closest_option,
+    ).correct
