@@ -50,7 +50,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from vlrl.callbacks import ForcedRethinking, SelectiveSampleReplay
+from vlrl.callbacks import DynamicSampling, ForcedRethinking, SelectiveSampleReplay
 from vlrl.data import PreferencePairs, RLDataModule, SFTDataModule, Synthetic, SyntheticPairs
 from vlrl.data.prompts import build_messages
 from vlrl.data.synthetic import make_rows
@@ -416,6 +416,52 @@ def grpo(seed: int) -> Result:
         **short_answers(),
     )
     return run_rl("grpo", seed, module, rl_data(seed, batch_size=8), steps=48, every=16, key="reward/mean")
+
+
+@method("gspo")
+def gspo(seed: int) -> Result:
+    """GSPO from GRPO's start and schedule: the length-normalised sequence ratio clipped at 1 − 3e-4 / 1 + 4e-4 (the
+    paper's), seq-mean-token-mean, group-std advantages. One optimizer step per rollout, as the grpo row, so the
+    ratio is 1 and the clip idle: the difference to grpo is the sequence-level loss and its aggregation."""
+    module = GRPO(
+        policy=Policy(answer_start(), dtype="float32"),
+        rewards=[AccuracyReward()],
+        advantage="std",
+        policy_term="gspo",
+        eps_low=3e-4,
+        eps_high=4e-4,
+        loss_aggregation="seq-mean-token-mean",
+        optimizer=adamw(2e-4),
+        seed=seed,
+        **short_answers(),
+    )
+    return run_rl("gspo", seed, module, rl_data(seed, batch_size=8), steps=48, every=16, key="reward/mean")
+
+
+@method("dapo")
+def dapo(seed: int) -> Result:
+    """DAPO from GRPO's start and schedule: clip-higher (0.2 / 0.28), token-mean, no KL, dynamic sampling (at most
+    3 prompt batches per step), overlong filtering and the soft overlong punishment over the last
+    ``DAPO_CACHE`` tokens of the length limit."""
+    module = GRPO(
+        policy=Policy(answer_start(), dtype="float32"),
+        rewards=[AccuracyReward()],
+        advantage="std",
+        eps_low=0.2,
+        eps_high=0.28,
+        loss_aggregation="token-mean",
+        overlong_filter=True,
+        overlong_cache=DAPO_CACHE,
+        optimizer=adamw(2e-4),
+        seed=seed,
+        **short_answers(),
+    )
+    data = rl_data(seed, batch_size=8)
+    callbacks = [DynamicSampling(max_draws=3)]
+    return run_rl("dapo", seed, module, data, steps=48, every=16, key="reward/mean", callbacks=callbacks)
+
+
+DAPO_CACHE = 2  # of the 10 answer tokens: a penalty past 8 tokens (a boxed colour or shape is 5 to 7)
 
 
 @method("vl_rethinker")

@@ -1,8 +1,10 @@
 """DAPO's dynamic sampling: the update batch holds only non-zero-advantage groups, extra prompts are drawn up to a
-cap and counted, and a resumed run draws the same extra prompts and ends with the same weights."""
+cap and counted, and a resumed run draws the same extra prompts and ends with the same weights. The DAPO and
+GSPO demo configs fit a few steps."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +16,7 @@ from tests.test_grpo import CharReward, make_module
 from vlrl.algorithms import group_advantages
 from vlrl.callbacks import DynamicSampling, RLCallback
 from vlrl.callbacks.dynamic_sampling import split_groups, take_groups
+from vlrl.cli import main
 from vlrl.data import RLDataModule, Synthetic
 from vlrl.types import EncodedPrompt, PromptBatch, Rollout
 
@@ -170,3 +173,21 @@ def test_fit_updates_only_on_non_zero_groups_and_resumes_exactly(tmp_path):
     assert first.ids + second.ids == full_updates.ids  # the same extra prompts after the resume
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["dapo", "gspo"])
+def test_demo_config_fits_a_few_steps(name, tmp_path, monkeypatch):
+    """``lightning-cli fit --config configs/demo/<name>.yaml`` runs (two steps here), and logs its method's figures."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo" / f"{name}.yaml"
+    monkeypatch.chdir(tmp_path)  # the demo writes its outputs/ under the working directory
+    steps = {"dapo": 2, "gspo": 8}[name]  # optimizer steps of two rollouts (GSPO's demo takes four a rollout)
+    main(["fit", "--config", str(config), f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false"])
+    logs = sorted((tmp_path / "outputs" / "demo" / name / "logs").glob("version_*/metrics.csv"))
+    rows = list(csv.DictReader(logs[-1].open()))
+    steps = [row for row in rows if row.get("update/policy_loss")]
+    assert len(steps) == 2  # one logged row per rollout
+    if name == "dapo":
+        assert all(float(row["dynamic_sampling/draws"]) >= 1 for row in steps)
+        assert all(row["reward/overlong"] != "" for row in steps)
+    else:  # four optimizer steps a rollout: from the second on, the 3e-4 / 4e-4 sequence clip acts
+        assert max(float(row["update/clip_frac"]) for row in steps) > 0
