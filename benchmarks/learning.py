@@ -461,7 +461,7 @@ def dapo(seed: int) -> Result:
     return run_rl("dapo", seed, module, data, steps=48, every=16, key="reward/mean", callbacks=callbacks)
 
 
-DAPO_CACHE = 2  # of the 10 answer tokens: a penalty past 8 tokens (a boxed colour or shape is 5 to 7)
+DAPO_CACHE = 2  # of the 10 answer tokens: a penalty past 8 tokens (a boxed colour or shape and EOS are 6)
 
 
 @method("vl_rethinker")
