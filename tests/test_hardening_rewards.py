@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_grpo import CharReward, make_data, make_module, quiet_trainer
 from vlrl.rewards import JudgeReward, RewardFunction, RewardUnavailable, score
 from vlrl.rewards.runner import FailureStreaks, RewardFailureError
 
@@ -203,7 +202,9 @@ def test_only_calls_without_any_usable_score_count_towards_the_streak():
 
 
 def test_a_reward_failing_every_step_stops_the_run_naming_it():
-    module = make_module(rewards=[CharReward(), Failing()], max_reward_failure_steps=2)
+    from tests.test_grpo import make_data, make_module, quiet_trainer  # here: workers import this module's rewards
+
+    module = make_module(rewards=[Constant(), Failing()], max_reward_failure_steps=2)
     trainer = quiet_trainer(max_steps=5)
     with pytest.raises(RewardFailureError, match=r"reward 'failing' .* 2 steps in a row \(last: raised KeyError"):
         trainer.fit(module, datamodule=make_data())

@@ -160,6 +160,7 @@ def test_hostile_responses_grade_quickly_in_the_main_thread_and_in_a_worker(name
 def test_hostile_responses_through_the_reward_runner_stay_bounded_in_time_and_memory():
     texts = list(HOSTILE.values())
     rewards = [AccuracyReward(), BoxedFormatReward(), InvalidResponsePenalty(), NativeWaitBonus()]
+    score(rewards, ["4"], answers=["4"], choices=[None], finish_reasons=["stop"])  # the worker starts once per run
     tracemalloc.start()
     start = time.perf_counter()
     scores = score(
