@@ -18,7 +18,7 @@ next action of ``--actions`` (once they are used up, ``ok``):
 The boxed word: the text after ``ANSWER=`` in the last user message if there is one; else, with
 ``--parity EVEN,ODD``, EVEN when that message has an even number of characters and ODD otherwise;
 else ``--answer``. ``GET /log`` returns every request received (body, Authorization header, action,
-prompt tokens where counted) and the most requests that were in flight at once.
+arrival ``time.time()``, prompt tokens where counted) and the most requests that were in flight at once.
 
 Like a real server it can also (each off unless asked for):
 
@@ -85,7 +85,7 @@ class State:
                 self.down_since = self.down_since or time.monotonic()
                 if time.monotonic() - self.down_since < self.outage[1]:
                     action = "status:503" if count % 2 == 0 else "hangup"
-            entry = {"body": body, "authorization": authorization, "action": action}
+            entry = {"body": body, "authorization": authorization, "action": action, "time": time.time()}
             if prompt_tokens is not None:
                 entry["prompt_tokens"] = prompt_tokens
             self.requests.append(entry)

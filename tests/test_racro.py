@@ -166,7 +166,7 @@ def test_reward_equals_the_reasoners_graded_accuracy_on_constructed_captions():
     answers = ["red", "red", "red", "0.5", "B"]
     choices = [None, None, None, None, ["the red one", "the blue one"]]
     with ServerProcess(actions=["ok", "ok", "ok", "truncated"]) as server:
-        reward = CaptionReward(http_reasoner(server, max_concurrency=1), samples_per_caption=2)
+        reward = CaptionReward(http_reasoner(server, max_concurrency=1, max_n=1), samples_per_caption=2)  # per answer
         scores = reward(captions, questions, answers, choices, seed=0)
         log = server.log()
     assert scores.correct.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]

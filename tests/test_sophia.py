@@ -61,7 +61,9 @@ def make_sophia(reasoner, **overrides) -> SOPHIA:
 
 
 def http_reasoner(server: ServerProcess) -> OpenAIReasoner:
-    return OpenAIReasoner(server.base_url, "served", api_key_env=None, timeout_s=30, max_retries=0, max_concurrency=1)
+    return OpenAIReasoner(
+        server.base_url, "served", api_key_env=None, timeout_s=30, max_retries=0, max_concurrency=1, max_n=1
+    )  # one request per trajectory, in order: the server's scripted actions apply per trajectory
 
 
 def write_rows(folder: Path, count: int, answer: str = "red") -> Path:
@@ -267,14 +269,14 @@ def test_predict_writes_resumable_jsonl_that_the_sft_config_trains_on(tmp_path):
     with ServerProcess(answer="red") as server:
         overlay = predict_overlay(tmp_path, server, rows, out)
         main(["predict", "--config", str(CONFIGS / "demo" / "sophia.yaml"), "--config", str(overlay)])
-        first_requests = len(server.log()["requests"])
+        first_requests = sum(r["body"]["n"] for r in server.log()["requests"])  # answers (N per request)
         kept = (out / "rank0.jsonl").read_text().splitlines()
         assert [json.loads(line)["source_id"] for line in kept] == [f"q{i}" for i in range(6)]
         # an interruption: the last two questions never written, the one before cut mid-line
         (out / "rank0.jsonl").write_text("\n".join(kept[:3]) + "\n" + kept[3][:40])
         assert written_ids(out) == {"q0", "q1", "q2"}
         main(["predict", "--config", str(CONFIGS / "demo" / "sophia.yaml"), "--config", str(overlay)])
-        second_requests = len(server.log()["requests"]) - first_requests
+        second_requests = sum(r["body"]["n"] for r in server.log()["requests"]) - first_requests
     assert first_requests == 6 * 4 * 4  # questions x K descriptions x N trajectories (the demo config's K, N)
     assert second_requests == 3 * 4 * 4  # only the three questions not written
     lines = [json.loads(line) for line in (out / "rank0.jsonl").read_text().splitlines()]
@@ -322,8 +324,46 @@ def test_unkept_questions_are_recorded_apart_and_not_redone(tmp_path):
         overlay = predict_overlay(tmp_path, server, rows, out)
         for _ in range(2):
             main(["predict", "--config", str(CONFIGS / "demo" / "sophia.yaml"), "--config", str(overlay)])
-        requests = len(server.log()["requests"])
-    assert requests == 2 * 4 * 4  # the second run had nothing left to do
+        answers = sum(r["body"]["n"] for r in server.log()["requests"])  # N answers per request
+    assert answers == 2 * 4 * 4  # the second run had nothing left to do
     assert not (out / "rank0.jsonl").exists() and not list((out / "images").iterdir())
     unkept = [json.loads(line) for line in (out / "unkept" / "rank0.jsonl").read_text().splitlines()]
     assert [u["source_id"] for u in unkept] == ["q0", "q1"] and unkept[0]["visual_rewards"] == [0.0] * 4
+
+
+def test_the_long_cot_prompt_keys_on_a_whole_think_block():
+    """A trajectory that opens a think block and closes it gets the long-CoT system prompt; one that only mentions
+    <think>, or closes a block it never opened (a dangling </think>), does not."""
+    module = make_sophia(HFReasoner("tiny:qwen2"))  # nothing is loaded by the constructor
+    question = [{"role": "user", "content": [{"type": "text", "text": "What colour?"}]}]
+    whole = "<think>\nRed, I see.\n</think>\n\nIt is \\boxed{red}."
+    for text, long_cot in ((whole, True), ("Use <think> tags? No: \\boxed{red}", False), ("Red.</think> red", False)):
+        messages = module.policy_messages(question, text)
+        assert (messages[0]["role"] == "system") is long_cot, text
+        assert messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def test_the_offline_schedule_decays_to_a_quarter_over_the_rows_written(tmp_path):
+    """1,100 kept rows (two ranks' files), batch 512, 1 epoch: 3 steps; factor 1, 0.8125, 0.4375, then 0.25 for good
+    (cos(pi/3) = 0.5, cos(2pi/3) = -0.5); the unkept/ folder is not counted."""
+    from vlrl.methods.sophia import OfflineCosine
+
+    (tmp_path / "unkept").mkdir()
+    (tmp_path / "rank0.jsonl").write_text('{"id": 1}\n' * 600)
+    (tmp_path / "rank1.jsonl").write_text('{"id": 2}\n' * 500)
+    (tmp_path / "unkept" / "rank0.jsonl").write_text('{"id": 3}\n' * 5000)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+    schedule = OfflineCosine(optimizer, str(tmp_path), global_batch_size=512)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert schedule.total_steps == 3
+    assert lrs == pytest.approx([2e-5, 2e-5 * 0.8125, 2e-5 * 0.4375, 5e-6, 5e-6, 5e-6])  # never warms back up
+    resumed = OfflineCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5), str(tmp_path), 512)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.get_last_lr() == schedule.get_last_lr()
+    assert OfflineCosine(optimizer, str(tmp_path), 512, epochs=2).total_steps == 6
+    with pytest.raises(ValueError, match=r"path='.*empty' holds no rank\*.jsonl: run SOPHIA's offline pass first"):
+        OfflineCosine(optimizer, str(tmp_path / "empty"), 512)

@@ -11,7 +11,10 @@ prompt (``generate``) and another reward (``score``); evaluation runs caption ->
 
 The reasoner is pluggable (``vlrl.rewards.HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``): it is
 not part of the module's parameters or checkpoint, so a trained captioner is evaluated with another
-reasoner by changing the config only.
+reasoner by changing the config only. A served reasoner follows the fault model of
+``vlrl.rewards.reasoners``: an outage shorter than its budget only slows the step down; past it the
+step stops with ``ReasonerUnavailable`` on every rank at once (``agreed``), never training on
+rewards of a dead server. Its context is checked at fit start against the caption budget.
 
 Run: ``lightning-cli fit --config configs/demo/racro.yaml`` (tiny models, CPU) or
 ``lightning-cli fit --config configs/racro.yaml`` (Qwen2.5-VL-7B captioner, R1-Distill-Qwen-7B reasoner).
@@ -26,7 +29,8 @@ from vlrl.methods.grpo import GRPO
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.loading import Policy
 from vlrl.rewards import RewardFunction
-from vlrl.rewards.caption import CaptionReward
+from vlrl.rewards.caption import CaptionReward, CaptionScores
+from vlrl.rewards.reasoners import agreed
 from vlrl.rollout import Sampling
 from vlrl.types import PromptBatch, Rollout
 
@@ -79,7 +83,9 @@ class RACRO(GRPO):
     # ---------------------------------------------------------------------- the frozen reasoner
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.caption_reward.setup(self.device)
+        self.caption_reward.setup(
+            self.device, caption_tokens=max(self.sampling.max_new_tokens, self.eval_sampling.max_new_tokens)
+        )
 
     def on_validation_start(self) -> None:
         self.caption_reward.setup(self.device)
@@ -90,6 +96,20 @@ class RACRO(GRPO):
     def reasoner_seed(self) -> int:
         """Seed of the reasoner's sampling: a function of the run seed, the step and the rank."""
         return self.seed_for("reasoner")
+
+    def reason(self, captions: list[str], batch: PromptBatch, idx: list[int], **kwargs) -> CaptionScores:
+        """The reasoner's graded answers from each caption (row ``idx[i]`` of ``batch``), agreed over ranks."""
+        return agreed(
+            lambda: self.caption_reward(
+                captions,
+                questions=[batch.questions[i] for i in idx],
+                answers=[batch.answers[i] for i in idx],
+                choices=[batch.choices[i] for i in idx],
+                seed=self.reasoner_seed(),
+                **kwargs,
+            ),
+            self.device,
+        )
 
     # ------------------------------------------------------------------------- the RL step
     def caption_batch(self, batch: PromptBatch) -> PromptBatch:
@@ -112,15 +132,7 @@ class RACRO(GRPO):
     def score(self, rollout: Rollout) -> Rollout:
         """Reward of a caption: the reasoner's accuracy from it (plus any further reward functions)."""
         rollout = super().score(rollout)
-        idx = rollout.group_index.tolist()
-        batch = rollout.batch
-        result = self.caption_reward(
-            rollout.texts,
-            questions=[batch.questions[i] for i in idx],
-            answers=[batch.answers[i] for i in idx],
-            choices=[batch.choices[i] for i in idx],
-            seed=self.reasoner_seed(),
-        )
+        result = self.reason(rollout.texts, rollout.batch, rollout.group_index.tolist())
         rollout.rewards = rollout.rewards + result.accuracy  # [N]
         rollout.reward_components["reasoner_accuracy"] = result.accuracy  # [N]
         rollout.facts["reasoner_texts"] = [[o.text for o in answers] for answers in result.outputs]
@@ -133,14 +145,12 @@ class RACRO(GRPO):
         """Caption -> reasoner -> grade; accuracy overall and per data source."""
         captions = self.generate(batch, self.eval_sampling, 1)
         tentative = super().generate(batch, self.eval_sampling, 1).texts if self.joint_check else None
-        result = self.caption_reward(
+        result = self.reason(
             captions.texts,
-            questions=batch.questions,
-            answers=batch.answers,
-            choices=batch.choices,
+            batch,
+            list(range(len(batch))),
             tentative=tentative,
             sampling=self.caption_reward.eval_sampling,
-            seed=self.reasoner_seed(),
         )
         metric.update(result.accuracy, batch.data_sources)
         stats = result.stats

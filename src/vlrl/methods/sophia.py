@@ -30,6 +30,14 @@ Decisions where the paper leaves room:
   weights stay as they are), so ``max_steps`` and schedules count batches.
 - The vision tower and projector are frozen (``train_vision: false``); descriptions are never
   trained on.
+- Trajectories are whole: a reasoning model's ``<think>`` opening that its chat template supplies
+  (QwQ, R1-Distill) and reasoning a server returns apart are put back by the reasoner backends, and
+  the long-CoT system prompt applies to a trajectory that is a think block followed by an answer
+  (``vlrl.rewards.reasoners.thinks``).
+- A served reasoner follows the fault model of ``vlrl.rewards.reasoners``: past its outage budget
+  the training step stops on every rank at once (``agreed``); its context is checked against the
+  description budget when it is set up.
+- The offline SFT's cosine schedule is as long as the offline rows make it (``OfflineCosine``).
 
 Run: ``lightning-cli fit --config configs/demo/sophia.yaml`` (tiny models, CPU) or
 ``lightning-cli fit|predict --config configs/sophia.yaml`` (Qwen2.5-VL-7B policy, QwQ-32B reasoner).
@@ -37,9 +45,11 @@ Run: ``lightning-cli fit --config configs/demo/sophia.yaml`` (tiny models, CPU) 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -47,13 +57,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlrl.algorithms import token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD
-from vlrl.data.trajectories import TrajectoryWriter
+from vlrl.data.trajectories import KEPT_GLOB, TrajectoryWriter
 from vlrl.methods.sft import SFT, MicroBatch, SFTSample, encode_conversation, padded_batch
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import encode_prompt, map_micro_batches, to_device
 from vlrl.models.loading import Policy, tokenizer_of
 from vlrl.rewards import CaptionReward, HFReasoner, is_correct
-from vlrl.rewards.reasoners import ReasonerOutput
+from vlrl.rewards.reasoners import ReasonerOutput, agreed, thinks
 from vlrl.rollout import Sampling
 from vlrl.seeding import stream_seed
 from vlrl.types import PromptBatch
@@ -269,8 +279,9 @@ class SOPHIA(SFT):
         self.setup_reasoner()
 
     def setup_reasoner(self) -> None:
-        """Load the reasoner onto this device; for ``clipped`` weights, check the tokenizers match."""
-        self.visual_reward.setup(self.device)
+        """Load the reasoner onto this device (its context checked against the description budget);
+        for ``clipped`` weights, check the tokenizers match."""
+        self.visual_reward.setup(self.device, caption_tokens=self.description_sampling.max_new_tokens)
         if self.importance_weight == "clipped":
             reasoner = tokenizer_of(self.visual_reward.reasoner.processor)
             if tokenizer_of(self.processor).get_vocab() != reasoner.get_vocab():
@@ -313,13 +324,18 @@ class SOPHIA(SFT):
         b, k = len(batch), self.descriptions_per_image
         descriptions, lengths, truncated = self.describe(batch, seed)  # B*K, on-policy
         repeat = [i for i in range(b) for _ in range(k)]
-        scores = self.visual_reward(  # N trajectories per description, off-policy, graded
-            descriptions,
-            questions=[batch.questions[i] for i in repeat],
-            answers=[batch.answers[i] for i in repeat],
-            choices=[batch.choices[i] for i in repeat],
-            seed=self.reasoner_seed(seed),
-        )
+
+        def reason():  # N trajectories per description, off-policy, graded
+            return self.visual_reward(
+                descriptions,
+                questions=[batch.questions[i] for i in repeat],
+                answers=[batch.answers[i] for i in repeat],
+                choices=[batch.choices[i] for i in repeat],
+                seed=self.reasoner_seed(seed),
+            )
+
+        # in fit every rank stops together; the offline pass is per rank (resumable, no collectives)
+        scores = agreed(reason, self.device) if self.training else reason()
         n = scores.correct.shape[1]
         outputs = [scores.outputs[i * k : (i + 1) * k] for i in range(b)]  # B x K x N
         trajectory_lengths = torch.tensor(
@@ -377,8 +393,9 @@ class SOPHIA(SFT):
         return rows
 
     def policy_messages(self, messages: list[dict[str, Any]], trajectory: str) -> list[dict[str, Any]]:
-        """The question's chat (long-CoT system prompt if the trajectory thinks in ``<think>``) + the trajectory."""
-        if self.long_cot_system_prompt and "<think>" in trajectory:
+        """The question's chat (long-CoT system prompt if the trajectory is a think block and an answer) + the
+        trajectory."""
+        if self.long_cot_system_prompt and thinks(trajectory):
             system = {"role": "system", "content": [{"type": "text", "text": self.long_cot_system_prompt}]}
             messages = [system, *(m for m in messages if m["role"] != "system")]
         return [*messages, {"role": "assistant", "content": [{"type": "text", "text": trajectory}]}]
@@ -495,3 +512,55 @@ class SOPHIA(SFT):
         correct = [is_correct(t, a, c) for t, a, c in zip(texts, batch.answers, batch.choices, strict=True)]
         metric.update(correct, batch.data_sources)
         self.log(f"{stage}/response_length", out.response_mask.sum(dim=1).float().mean(), batch_size=len(batch))
+
+
+# ------------------------------------------------------------------------- the offline schedule
+
+
+class OfflineCosine(torch.optim.lr_scheduler.LambdaLR):
+    """Cosine decay of the lr to ``final_fraction`` of it over the offline SFT, its length from the rows.
+
+    The offline pass writes an unknown number of rows, so a fixed ``T_max`` either ends the decay
+    early (and a periodic cosine warms the lr back up) or never reaches the end. This schedule
+    counts the rows the pass wrote (the lines of ``path``'s ``rank*.jsonl``) when the optimizer is
+    configured, after the pass, and decays over ``ceil(rows / global_batch_size) * epochs``
+    optimizer steps; past them the lr stays at its final value.
+
+    Args:
+        optimizer: The optimizer (given by LightningCLI).
+        path: Folder of the offline rows (``SOPHIA.output_dir``, the SFT data's ``path``).
+        global_batch_size: Rows per optimizer step over all devices (``data.global_batch_size``).
+        epochs: Passes over the rows (``trainer.max_epochs``).
+        final_fraction: The last lr as a fraction of the initial one (the paper: 1/4).
+
+    Example:
+        1,100 rows, batch 512, 1 epoch: 3 steps; the lr factor goes 1.0, 0.8125, 0.4375, then 0.25.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        path: str,
+        global_batch_size: int,
+        epochs: int = 1,
+        final_fraction: float = 0.25,
+    ) -> None:
+        if global_batch_size < 1 or epochs < 1:
+            raise ValueError(f"global_batch_size={global_batch_size} and epochs={epochs} must be >= 1")
+        if not 0 <= final_fraction <= 1:
+            raise ValueError(f"final_fraction={final_fraction} must be in [0, 1] (the paper: 0.25)")
+        files = sorted(Path(path).glob(KEPT_GLOB))
+        if not files:
+            raise ValueError(
+                f"OfflineCosine path={path!r} holds no rank*.jsonl: run SOPHIA's offline pass first "
+                "(lightning-cli predict --config configs/sophia.yaml), or point path at its output_dir"
+            )
+        rows = sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
+        self.total_steps = max(math.ceil(rows / global_batch_size) * epochs, 1)
+        self.final_fraction = final_fraction
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """The lr factor after ``step`` optimizer steps."""
+        progress = min(step / self.total_steps, 1.0)
+        return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
