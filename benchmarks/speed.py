@@ -20,6 +20,15 @@ machine affects both alike:
   ``steps_per_generation`` = ``B·G/micro``), AdamW (β 0.9/0.999, ε 1e-8, no weight decay) at a
   constant learning rate, gradient norm clipped at 1.
 
+Besides time, every run counts the work of a step with forward hooks on the model (the same hooks on
+both trainers): vision-tower calls and the images they encode, the positions the language model sees
+during the rollout's prefill (every position of the first pass of each ``generate`` call and of any
+pass over more than one token before it), and the padded fraction of the positions of the training
+forwards (log-probs and the update). ``--baseline REF`` adds a third trainer: vlrl as it was at the git
+revision ``REF`` (its ``src`` exported into a temporary folder and put first on the path), so one run
+shows vlrl before and after a change against TRL. ``--group-sizes`` and ``--vocabs`` run a grid of
+settings, one model per vocabulary, and print one table.
+
 A step's time is the wall time between the ends of consecutive optimizer steps (data loading,
 rollout, rewards, update: everything); the first ``--warmup`` steps of every run are dropped and
 the median of the rest is reported. ``--profile`` adds vlrl's time per phase (prompt encoding,
@@ -31,6 +40,8 @@ Run (needs the ``bench`` extra: ``pip install -e .[bench]``)::
     python benchmarks/speed.py --steps 4 --warmup 1 --rounds 2 --profile --out benchmarks/results/speed_after.json
     python benchmarks/speed.py --tiny-vocab --threads 2 --steps 6 --warmup 2
     python benchmarks/speed.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --max-new-tokens 128
+    python benchmarks/speed.py --group-sizes 4 8 --vocabs tiny real --baseline ba0c2c5 --steps 3 --warmup 1 \
+        --rounds 1 --max-new-tokens 64 --out benchmarks/results/speed_work.json   # before/after/TRL table
 """
 
 from __future__ import annotations
@@ -109,6 +120,76 @@ def step_times(ends: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :], strict=False)]
 
 
+# ------------------------------------------------------------------------------------------ counters
+class WorkCounter:
+    """Work of the steps of one run, counted by forward hooks on the policy (vlrl and TRL alike).
+
+    ``rollout(fn)`` wraps whatever runs a rollout, so that the language-model passes inside it count as
+    prefill (the first pass of each ``generate`` and every pass over more than one position) and those
+    outside it as training forwards (positions and padded positions, from their attention mask).
+    """
+
+    def __init__(self) -> None:
+        self.vision_calls = 0
+        self.images = 0
+        self.prefill_tokens = 0
+        self.train_tokens = 0
+        self.train_padded = 0
+        self.in_rollout = False
+        self.first_pass = False
+
+    def attach(self, model: Any) -> None:
+        from peft import PeftModel
+
+        from vlrl.models.loading import vision_modules  # present at every baseline revision too
+
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        towers = vision_modules(base)
+        if towers:
+            towers[0].register_forward_pre_hook(self.on_vision, with_kwargs=True)
+        inner = base.model
+        lm = getattr(inner, "language_model", inner)
+        lm.register_forward_pre_hook(self.on_language_model, with_kwargs=True)
+
+    def rollout(self, fn):
+        def wrapper(*args, **kwargs):
+            self.in_rollout, self.first_pass = True, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.in_rollout = False
+
+        return wrapper
+
+    def on_vision(self, module, args, kwargs) -> None:
+        self.vision_calls += 1
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)  # Qwen-VL: one row per image
+        self.images += (
+            int(grid.shape[0]) if grid is not None else int((args[0] if args else kwargs["pixel_values"]).shape[0])
+        )
+
+    def on_language_model(self, module, args, kwargs) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        rows, length = (embeds if embeds is not None else kwargs["input_ids"]).shape[:2]
+        if self.in_rollout:
+            if self.first_pass or length > 1:
+                self.prefill_tokens += rows * length
+            self.first_pass = False
+            return
+        mask = kwargs.get("attention_mask")
+        self.train_tokens += rows * length
+        if mask is not None and mask.dim() == 2:
+            self.train_padded += rows * length - int(mask.sum())
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        return {
+            "vision_calls": self.vision_calls / steps,
+            "images_encoded": self.images / steps,
+            "prefill_tokens": self.prefill_tokens / steps,
+            "padded_frac": self.train_padded / max(self.train_tokens, 1),
+        }
+
+
 # ------------------------------------------------------------------------------------------- vlrl
 def run_vlrl(settings: Settings) -> dict[str, Any]:
     import lightning.pytorch as pl
@@ -125,6 +206,7 @@ def run_vlrl(settings: Settings) -> dict[str, Any]:
 
     phases: dict[str, float] = defaultdict(float)
     module_cls = profiled_grpo(GRPO, phases) if settings.profile else GRPO
+    work = WorkCounter()
     module = module_cls(
         policy=Policy(settings.model_dir, dtype=settings.dtype),
         rewards=[VowelReward()],
@@ -147,6 +229,9 @@ def run_vlrl(settings: Settings) -> dict[str, Any]:
 
     class StepClock(pl.Callback):
         def on_train_start(self, trainer, pl_module):
+            work.attach(pl_module.model)
+            engine = pl_module.rollout_engine
+            engine.generate = work.rollout(engine.generate)
             ends.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -168,7 +253,11 @@ def run_vlrl(settings: Settings) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=data)
     steps = settings.total_steps
-    return {"step_s": step_times(ends, settings.warmup), "phases_s": {k: v / steps for k, v in phases.items()}}
+    return {
+        "step_s": step_times(ends, settings.warmup),
+        "phases_s": {k: v / steps for k, v in phases.items()},
+        "work": work.per_step(steps),
+    }
 
 
 def profiled_grpo(base: type, phases: dict[str, float]) -> type:
@@ -270,9 +359,12 @@ def run_trl(settings: Settings) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     ends: list[float] = []
+    work = WorkCounter()
 
     class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            work.attach(model)
+            model.generate = work.rollout(model.generate)
             ends.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -289,7 +381,7 @@ def run_trl(settings: Settings) -> dict[str, Any]:
         callbacks=[StepClock()],
     )
     trainer.train()
-    return {"step_s": step_times(ends, settings.warmup), "phases_s": {}}
+    return {"step_s": step_times(ends, settings.warmup), "phases_s": {}, "work": work.per_step(settings.total_steps)}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -300,7 +392,7 @@ def worker(which: str, settings: Settings) -> None:
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     load_before = os.getloadavg()
-    result = (run_vlrl if which == "vlrl" else run_trl)(settings)
+    result = (run_trl if which == "trl" else run_vlrl)(settings)  # the baseline is vlrl from another path
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if settings.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -308,15 +400,26 @@ def worker(which: str, settings: Settings) -> None:
     print(MARKER + json.dumps(result), flush=True)
 
 
-def spawn(which: str, settings: Settings) -> dict[str, Any]:
+def spawn(which: str, settings: Settings, baseline_src: Path | None = None) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads), "MKL_NUM_THREADS": str(settings.threads)}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    if which == "baseline":  # vlrl as it was: its src first on the path, ahead of the installed vlrl
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(baseline_src), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, __file__, "--worker", which, "--settings", json.dumps(asdict(settings))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"the {which} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len(MARKER) :])
+
+
+def export_src(ref: str, out_dir: Path) -> Path:
+    """The ``src`` folder of the repository at git revision ``ref``, written under ``out_dir``."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref, "src"], capture_output=True, check=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(out_dir)], input=archive.stdout, check=True)
+    return out_dir / "src"
 
 
 def build_model(hidden: int, layers: int, vocab: Path | None, out_dir: Path) -> str:
@@ -341,11 +444,32 @@ def summarise(runs: dict[str, list[dict[str, Any]]], settings: Settings, rounds:
             "peak_cuda_mib": max((r.get("peak_cuda_mib", 0.0) for r in results), default=0.0),
             "loadavg": [r["loadavg"] for r in results],
             "phases_s_per_step": {k: statistics.mean(v) for k, v in phases.items()},
+            "work_per_step": {k: statistics.mean(r["work"][k] for r in results) for k in results[0]["work"]},
         }
     trainers = out["trainers"]
     if "vlrl" in trainers and "trl" in trainers:
         out["trl_over_vlrl"] = trainers["trl"]["median_s_per_step"] / trainers["vlrl"]["median_s_per_step"]
+    if "baseline" in trainers and "trl" in trainers:
+        out["trl_over_baseline"] = trainers["trl"]["median_s_per_step"] / trainers["baseline"]["median_s_per_step"]
     return out
+
+
+def print_grid(summaries: list[dict[str, Any]], baseline: str | None) -> None:
+    """One table over the grid: per vocabulary, G and trainer, the time and the work of a step."""
+    names = {"vlrl": "vlrl", "baseline": f"vlrl@{baseline}", "trl": "TRL"}
+    head = f"{'vocab':<6} {'G':>2} {'trainer':<16} {'s/step':>7} {'TRL/it':>7} {'vision calls':>12} "
+    print("\n" + head + f"{'images':>7} {'prefill tok':>11} {'padded':>7}")
+    for summary in summaries:
+        trl = summary["trainers"].get("trl", {}).get("median_s_per_step")
+        for key, t in summary["trainers"].items():
+            w = t["work_per_step"]
+            ratio = f"{trl / t['median_s_per_step']:.2f}x" if trl else "-"
+            print(
+                f"{summary['vocab']:<6} {summary['settings']['group_size']:>2} {names[key]:<16} "
+                f"{t['median_s_per_step']:>7.3f} {ratio:>7} {w['vision_calls']:>12.1f} {w['images_encoded']:>7.1f} "
+                f"{w['prefill_tokens']:>11.0f} {w['padded_frac']:>7.3f}"
+            )
+    print("(per step; TRL/it: TRL's s/step over the trainer's; padded: padded fraction of the training forwards)")
 
 
 def print_report(summary: dict[str, Any]) -> None:
@@ -401,46 +525,72 @@ def main(argv: list[str] | None = None) -> None:
         "shared/data/tokenizers/qwen2.5 beside the repository when present",
     )
     parser.add_argument("--tiny-vocab", action="store_true", help="use the 1k-token tiny vocabulary instead")
+    parser.add_argument(
+        "--group-sizes", type=int, nargs="+", help="a grid over G (overrides --group-size); one table for all"
+    )
+    parser.add_argument(
+        "--vocabs", choices=["tiny", "real"], nargs="+", help="a grid over the vocabulary (overrides --tiny-vocab)"
+    )
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also run vlrl as it was at git revision REF (e.g. a commit before a change)"
+    )
     parser.add_argument("--profile", action="store_true", help="also time vlrl's step phases")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
-    parser.add_argument("--worker", choices=["vlrl", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["vlrl", "baseline", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, Settings(**json.loads(args.settings)))
         return
-    if (args.prompts * args.group_size) % args.micro_batch_size:
-        parser.error(f"--micro-batch-size {args.micro_batch_size} must divide prompts x group size")
-    vocab = None if args.tiny_vocab else args.vocab
+    group_sizes = args.group_sizes or [args.group_size]
+    for g in group_sizes:
+        if (args.prompts * g) % args.micro_batch_size:
+            parser.error(f"--micro-batch-size {args.micro_batch_size} must divide prompts x group size {g}")
+    vocabs = args.vocabs or ["tiny" if args.tiny_vocab or args.vocab is None else "real"]
+    if "real" in vocabs and args.vocab is None:
+        parser.error("--vocabs real needs --vocab (the folder with the real Qwen2.5 vocab.json and merges.txt)")
+    order = [args.only] if args.only else ["vlrl", *(["baseline"] if args.baseline else []), "trl"]
+    summaries = []
     with tempfile.TemporaryDirectory(prefix="vlrl-speed-") as tmp:
-        settings = Settings(
-            model_dir=build_model(args.hidden, args.layers, vocab, Path(tmp) / "model"),
-            device=args.device,
-            dtype=args.dtype,
-            threads=args.threads,
-            prompts_per_step=args.prompts,
-            group_size=args.group_size,
-            micro_batch_size=args.micro_batch_size,
-            max_new_tokens=args.max_new_tokens,
-            image_size=args.image_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            profile=args.profile,
-        )
-        order = [args.only] if args.only else ["vlrl", "trl"]
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
-        start = time.perf_counter()
-        for _ in range(args.rounds):
-            for name in order:
-                runs[name].append(spawn(name, settings))
-        summary = summarise(runs, settings, args.rounds)
-        summary["wall_s"] = time.perf_counter() - start
-        vocab_name = "real Qwen2.5 vocabulary (151,665 tokens)" if vocab else "tiny vocabulary (1,032 tokens)"
-        summary["settings"]["model_dir"] = f"tiny Qwen2.5-VL, hidden {args.hidden}, {args.layers} layers, {vocab_name}"
-    print_report(summary)
+        baseline_src = export_src(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+        for vocab_kind in vocabs:
+            vocab = args.vocab if vocab_kind == "real" else None
+            model_dir = build_model(args.hidden, args.layers, vocab, Path(tmp) / f"model-{vocab_kind}")
+            for g in group_sizes:
+                settings = Settings(
+                    model_dir=model_dir,
+                    device=args.device,
+                    dtype=args.dtype,
+                    threads=args.threads,
+                    prompts_per_step=args.prompts,
+                    group_size=g,
+                    micro_batch_size=args.micro_batch_size,
+                    max_new_tokens=args.max_new_tokens,
+                    image_size=args.image_size,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    profile=args.profile,
+                )
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+                start = time.perf_counter()
+                for _ in range(args.rounds):
+                    for name in order:
+                        runs[name].append(spawn(name, settings, baseline_src))
+                summary = summarise(runs, settings, args.rounds)
+                summary["wall_s"] = time.perf_counter() - start
+                summary["vocab"] = vocab_kind
+                summary["baseline"] = args.baseline
+                vocab_name = "real Qwen2.5 vocabulary (151,665 tokens)" if vocab else "tiny vocabulary (1,032 tokens)"
+                summary["settings"]["model_dir"] = (
+                    f"tiny Qwen2.5-VL, hidden {args.hidden}, {args.layers} layers, {vocab_name}"
+                )
+                print_report(summary)
+                summaries.append(summary)
+    print_grid(summaries, args.baseline)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        out = summaries[0] if len(summaries) == 1 else {"grid": summaries}
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"\nwrote {args.out}")
 
 
