@@ -1,4 +1,5 @@
-"""``Preemption``: on SIGTERM/SIGUSR1, finish the step, write a checkpoint, stop (and requeue on SLURM).
+"""``Preemption``: on SIGTERM/SIGUSR1/SIGINT, finish the step, write a checkpoint, stop (and requeue on SLURM);
+on an exception inside ``fit``, write the last completed step.
 
 A cluster that preempts a job sends it a signal first (SLURM: SIGTERM, or the signal of
 ``--signal=USR1@90`` some seconds ahead; Kubernetes: SIGTERM), then kills it after a grace period.
@@ -28,19 +29,46 @@ to the same name. If the signal arrives while validation runs, Lightning aborts 
 ``SIGTERMException``; the checkpoint is then written in ``on_exception`` (the state of the last
 completed step).
 
+Ctrl-C (SIGINT) is taken like SIGTERM: the step finishes, ``last.ckpt`` is written, the run stops
+(``lightning-cli`` exits 130). A second Ctrl-C, or one before the first step started (nothing to save
+yet), abandons the run at once (``KeyboardInterrupt``); the rule for exceptions below then decides
+whether a checkpoint is written.
+
+An exception inside ``fit`` (a reward server down past its budget, a NaN guard, a full disk, a bug)
+writes the state of the last completed step to the same file, and says where, unless one of these holds:
+
+- the failing step had begun its updates (an optimizer step was taken in it): the weights and optimizer
+  state are then part-way through the step, so nothing is written and the log names the rule; the last
+  periodic checkpoint is what resumes. The exception is caught before the step's first update in the
+  common cases (rollout, rewards, reasoners, advantages);
+- several ranks, and the exception is not an ``vlrl.errors.AllRanksError`` (nor Lightning's SIGTERM stop):
+  every rank must take part in a save (a sharded FSDP save is collective, and so are the barriers of any
+  save), but an exception on one rank of many leaves the others elsewhere (inside a collective of the step,
+  or running on), so a save from it would hang or mismatch collectives. The rank logs that it did not save
+  and the exception ends the process, which ends the other ranks too (Lightning's launcher, or the broken
+  process group);
+- no step completed in this ``fit`` (the state is that of the checkpoint the run started from).
+
+"The last completed step" is exact: the weights and optimizer state are untouched until the first
+update, and the loop and data-loader state saved with them is the one at the end of the last step (taken
+then), with the callbacks' state as it was at the start of the failing step (taken then); so the resumed
+run redoes the failing step with the same batch. Taking those two small snapshots at every step can be
+turned off with ``save_on_exception: false``.
+
 ``lightning-cli`` adds a ``Preemption()`` to every ``fit`` unless the config has one; give
-``signals: []`` to turn it off. In YAML::
+``signals: []`` to turn the signal handling off. In YAML::
 
     trainer:
       callbacks:
         - class_path: vlrl.callbacks.Preemption
           init_args:
-            signals: [SIGTERM, SIGUSR1]
+            signals: [SIGTERM, SIGUSR1, SIGINT]
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -53,7 +81,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vlrl.errors import AllRanksError
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +96,15 @@ class Preemption(pl.Callback):
 
     Args:
         signals: Names of the signals that ask the run to stop (``SIGTERM``, ``SIGUSR1``, ``SIGUSR2``,
-            ``SIGINT`` ...). An empty list turns the callback off.
+            ``SIGINT`` ...). An empty list turns the signal handling off.
         dirpath: Folder of the checkpoint outside SLURM. Default: the ``ModelCheckpoint``'s
             ``dirpath``, else ``<default_root_dir>/checkpoints``.
         filename: File name of that checkpoint; ``last.ckpt`` is what ``--ckpt_path last`` finds.
         requeue: Under SLURM, requeue the job after saving (``scontrol requeue``) when the signal was
             not SIGTERM/SIGINT (those come from ``scancel`` or from SLURM's own preemption, which
             requeues by itself); the requeued job resumes from the ``hpc_ckpt`` file on its own.
+        save_on_exception: On an exception inside ``fit``, write the state of the last completed step
+            (see the module docstring for when it does not).
     """
 
     def __init__(
@@ -80,8 +113,9 @@ class Preemption(pl.Callback):
         dirpath: str | None = None,
         filename: str = "last.ckpt",
         requeue: bool = True,
+        save_on_exception: bool = True,
     ) -> None:
-        names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
+        names = ["SIGTERM", "SIGUSR1", "SIGINT"] if signals is None else list(signals)
         unknown = [n for n in names if n in ("SIGKILL", "SIGSTOP") or n not in signal.Signals.__members__]
         if unknown:
             raise ValueError(
@@ -94,16 +128,29 @@ class Preemption(pl.Callback):
         self.dirpath = dirpath
         self.filename = filename
         self.requeue = requeue
+        self.save_on_exception = save_on_exception
         self.received: int | None = None  # the signal that asked to stop
         self.saved_path: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._active = False
+        self._training = False  # between on_train_start and the end of the fit
+        self._in_step = False  # between this callback's on_train_batch_start and on_train_batch_end
+        self._updated = False  # an optimizer step was taken in the current step
+        self._start_step = 0  # global_step when training started
+        self._loops: dict[str, Any] | None = None  # the loops' state at the end of the last completed step
+        self._callbacks: dict[str, Any] | None = None  # the callbacks' state at the start of the current step
+        self._substitute: dict[str, Any] | None = None  # what ``on_save_checkpoint`` puts in the checkpoint
+
+    @property
+    def exit_code(self) -> int | None:
+        """``128 + signal`` after SIGTERM or SIGINT (143, 130: what a shell reports), else ``None``."""
+        return 128 + self.received if self.received in (signal.SIGTERM, signal.SIGINT) else None
 
     # ------------------------------------------------------------------------------ handlers
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.signals or self._active:
             return
-        self.received, self.saved_path = None, None
+        self.received, self.saved_path, self._training, self._loops = None, None, False, None
         for signum in self.signals:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -117,6 +164,9 @@ class Preemption(pl.Callback):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
             signal.raise_signal(signum)
             return
+        if signum == signal.SIGINT and (self.received == signal.SIGINT or not self._training):
+            self.received = signum  # a second Ctrl-C, or one before training began: abandon now
+            raise KeyboardInterrupt
         if self.received is None:
             log.warning(
                 "Preemption: received %s; saving a checkpoint at the end of this step", signal.Signals(signum).name
@@ -131,12 +181,38 @@ class Preemption(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._training = False
             self._restore_handlers()
+
+    # ------------------------------------------------------------------ what a step has changed
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training, self._start_step = True, trainer.global_step
+        self._snapshot_loops(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        self._in_step, self._updated = True, False
+        if self.save_on_exception:  # first of the callbacks: before any of them changes its state in this step
+            self._callbacks = copy.deepcopy(call._call_callbacks_state_dict(trainer))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._updated = True
+
+    def _snapshot_loops(self, trainer: pl.Trainer) -> None:
+        if self.save_on_exception:
+            loops = (trainer.fit_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop)
+            names = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
+            self._loops = copy.deepcopy({name: loop.state_dict() for name, loop in zip(names, loops, strict=True)})
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._substitute is not None:  # saving the last completed step from on_exception
+            checkpoint.update(self._substitute)
 
     # --------------------------------------------------------------------------- safe points
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._in_step, self._updated = False, False
+        self._snapshot_loops(trainer)
         self._save_if_asked(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -145,10 +221,46 @@ class Preemption(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         try:
-            if isinstance(exception, SIGTERMException) and self.received is not None and self.saved_path is None:
-                self.save(trainer)  # Lightning stopped validation for the signal: save the last completed step
+            reason = self._why_not_save(trainer, exception)
+            if reason is not None:
+                if reason:
+                    log.error("Preemption: no checkpoint written after %s: %s", type(exception).__name__, reason)
+                return
+            self._substitute = {"loops": self._loops}
+            if self._in_step and self._callbacks is not None:
+                self._substitute["callbacks"] = self._callbacks
+            try:
+                self.save(trainer)
+            except Exception as error:  # the run is failing already: say why this save failed too, keep the cause
+                log.error("Preemption: saving the last completed step failed too: %s", error)
+            finally:
+                self._substitute = None
         finally:
+            self._training = False
             self._restore_handlers()
+
+    def _why_not_save(self, trainer: pl.Trainer, exception: BaseException) -> str | None:
+        """Why ``on_exception`` must not save (``""``: no need to say), or ``None`` to save the last completed step."""
+        if self.saved_path is not None:
+            return ""  # this step's checkpoint was written already
+        if isinstance(exception, SIGTERMException) and self.received is not None:
+            return None  # Lightning stopped validation for the signal
+        if not self.save_on_exception or not self._training or self._loops is None:
+            return ""
+        if self._in_step and self._updated:
+            return (
+                f"it was raised after the step's first update (global_step {trainer.global_step}): the weights are "
+                "part-updated; resume from the last periodic checkpoint"
+            )
+        if trainer.world_size > 1 and not isinstance(exception, AllRanksError):
+            return (
+                f"it was raised on rank {trainer.global_rank} of {trainer.world_size}, and a checkpoint needs every "
+                "rank (only an error all ranks raise together, vlrl.errors.AllRanksError, can save); resume from "
+                "the last periodic checkpoint"
+            )
+        if trainer.global_step == self._start_step:
+            return f"no step completed since this fit started at step {self._start_step}"
+        return None
 
     def _save_if_asked(self, trainer: pl.Trainer) -> None:
         if not self._active or self.saved_path is not None:
@@ -184,7 +296,7 @@ class Preemption(pl.Callback):
                 checkpoint.last_model_path = path  # updating this file rather than starting a last-v1.ckpt
         trainer.save_checkpoint(path, weights_only=False)  # the whole training state, optimizers included
         self.saved_path = path
-        name = signal.Signals(self.received).name if self.received is not None else "a stop request"
+        name = signal.Signals(self.received).name if self.received is not None else "an exception"
         log.warning("Preemption: after %s, saved step %d to %s; stopping", name, trainer.global_step, path)
 
 

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
+from vlrl.errors import ConfigError
 from vlrl.metrics import AccuracyBySource
 from vlrl.models.loading import Policy, decode_responses, pad_token_id, tokenizer_of
 from vlrl.models.precision import check_master_weights, compute_dtype
@@ -92,6 +93,21 @@ class NonFiniteGuard:
         return {f"{name}/grad_norm": float(norm), f"{name}/nonfinite_skipped": 1.0}
 
 
+def check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None, key: str) -> None:
+    """Build ``optimizer`` (and ``lr_scheduler`` on it) over one dummy parameter, so that a bad setting (a negative
+    lr, betas out of range) fails at construction, before any weights load; ``ConfigError`` names ``key``."""
+    try:  # torch's checks of hyper-parameters raise ValueError
+        dummy = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}; fix its init_args (e.g. lr > 0)") from error
+    if lr_scheduler is None or not isinstance(dummy, torch.optim.Optimizer):
+        return
+    try:
+        lr_scheduler(dummy)
+    except ValueError as error:
+        raise ConfigError(f"lr_scheduler: {error}; fix its init_args") from error
+
+
 class PolicyModule(pl.LightningModule):
     """The policy core shared by every method (manual optimization); subclasses document their own arguments.
 
@@ -121,6 +137,7 @@ class PolicyModule(pl.LightningModule):
         self.automatic_optimization = False
         self.policy = policy
         self.rollout_engine = rollout_engine or HFEngine()
+        check_optimizer(optimizer, lr_scheduler, "optimizer")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.max_grad_norm = max_grad_norm

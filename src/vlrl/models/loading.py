@@ -9,7 +9,9 @@ family transformers knows loads the same way.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,7 +25,8 @@ from transformers import (
     ProcessorMixin,
 )
 
-from vlrl.models.tiny import resolve_model_path
+from vlrl.errors import ConfigError
+from vlrl.models.tiny import TINY_PREFIX, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ class Policy:
 
     Args:
         model_path: Hugging Face hub id or local directory (``tiny:qwen2_5_vl``, ``tiny:qwen2`` and
-            ``tiny:llava_onevision`` build tiny random models offline).
+            ``tiny:llava_onevision`` build tiny random models offline). Checked before the weights load
+            (``check_model_path``; ``lightning-cli`` checks every policy of the module at the start of fit).
         dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``,
             ``flash_attention_2``).
@@ -96,6 +100,7 @@ class Policy:
 
     def load(self) -> tuple[torch.nn.Module, object]:
         """Load the model (with LoRA/quantization/freezing applied) and its processor or tokenizer."""
+        check_model_path(self.model_path)
         path = self.path
         config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
         self._is_vlm = getattr(config, "vision_config", None) is not None
@@ -147,6 +152,57 @@ class Policy:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
         processor.tokenizer.padding_side = "left"
         return processor
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # ``name`` or ``owner/name``
+
+
+def check_model_path(model_path: str, key: str = "policy.model_path") -> None:
+    """Raise ``ConfigError`` at once unless ``model_path`` can be a model: a readable model folder or a hub id.
+
+    A local folder must hold ``config.json``, and each ``*.safetensors`` file must open (its header is read,
+    not its weights). A path that does not exist fails with "no such folder" when it cannot be a hub id
+    (``owner/name``): an absolute or ``./`` path, more than one ``/``, or an ``owner`` that is a local
+    folder. A hub id with ``HF_HUB_OFFLINE=1`` must be in the local Hugging Face cache. Otherwise the hub
+    is asked when the weights load.
+    """
+    if model_path.startswith(TINY_PREFIX):
+        return
+    path = Path(model_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{key}={model_path!r} is not a model folder (no config.json in it); give the folder "
+                "save_pretrained wrote, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct"
+            )
+        for weights in sorted(path.glob("*.safetensors")):
+            _check_safetensors(weights, key)
+        return
+    owner = model_path.split("/")[0]
+    if not HUB_ID.match(model_path) or ".." in model_path or ("/" in model_path and Path(owner).is_dir()):
+        raise ConfigError(
+            f"{key}={model_path!r}: no such folder (relative to {Path.cwd()}); give an existing model folder, "
+            "or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model_path, "config.json"), str):
+        raise ConfigError(
+            f"{key}={model_path!r}: no such folder, and not in the Hugging Face cache while HF_HUB_OFFLINE=1; "
+            "download it first (huggingface-cli download), give a model folder, or unset HF_HUB_OFFLINE"
+        )
+
+
+def _check_safetensors(weights: Path, key: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own error types (SafetensorError, OSError)
+        raise ConfigError(
+            f"{key}: {weights} is not a readable safetensors file ({error}); download or save the model again"
+        ) from error
 
 
 def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
