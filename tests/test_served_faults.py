@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
 from tests.openai_server import ServerProcess
+from vlrl.errors import AllRanksError
 from vlrl.models.tiny import resolve_model_path
 from vlrl.rewards import CaptionReward, OpenAIReasoner, ReasonerError, ReasonerUnavailable, RewardUnavailable
 from vlrl.rewards.reasoners import agreed, think_prefix, thinks, whole_trajectory
@@ -188,11 +189,15 @@ def test_requests_in_flight_are_abandoned_so_the_process_exits_at_once(tmp_path)
 
 
 def test_every_rank_stops_when_one_ranks_reasoner_gives_up(tmp_path):
-    """Two gloo ranks: rank 1's reasoner fails, rank 0's succeeds; both raise at the same step."""
+    """Two gloo ranks: rank 1's reasoner fails, rank 0's succeeds; both raise ReasonerStopped (an AllRanksError, so
+    the exception handler may save collectively) at the same step."""
     results = mp.get_context("spawn").Manager().dict()
     mp.spawn(_agree_on_rank, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
-    assert results[1] == "ReasonerUnavailable: down"
-    assert results[0].startswith("ReasonerError: the reasoner of another rank gave up")
+    assert results[1] == "ReasonerStopped: ReasonerUnavailable: down (AllRanksError)"
+    assert results[0] == (
+        "ReasonerStopped: the reasoner of another rank gave up (its error is in that rank's log): every rank stops "
+        "(AllRanksError)"
+    )
 
 
 def _agree_on_rank(rank: int, world: int, store: str, results) -> None:
@@ -207,7 +212,8 @@ def _agree_on_rank(rank: int, world: int, store: str, results) -> None:
         agreed(call, torch.device("cpu"))
         results[rank] = "no error"
     except ReasonerError as error:
-        results[rank] = f"{type(error).__name__}: {error}"
+        kind = " (AllRanksError)" if isinstance(error, AllRanksError) else ""
+        results[rank] = f"{type(error).__name__}: {error}{kind}"
     assert agreed(lambda: "fine", torch.device("cpu")) == "fine"  # the next step, all well: no error anywhere
     torch.distributed.destroy_process_group()
 

@@ -100,17 +100,36 @@ def test_greedy_answers_are_the_hf_models_answers(server, tiny_text_model):
         assert (out.finish_reason == "length") == (out.num_tokens == 12) and 0 < out.num_tokens <= 12
 
 
-def test_seeded_sampling_repeats_and_the_seed_offsets_give_distinct_samples(server):
+def test_seeded_sampling_repeats_and_the_n_answers_of_one_request_are_distinct(server):
     reasoner = OpenAIReasoner(server, SERVED_NAME, api_key_env=None, timeout_s=120, max_concurrency=3)
     sampling = Sampling(temperature=1.0, max_new_tokens=10)
-    prompts = [PROMPTS[0]] * 3  # one prompt three times: seeds 40, 41, 42
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]  # one request with n=3 (seed 40), one with n=1 (seed 43)
     first = reasoner.generate(prompts, sampling, seed=40)
     again = reasoner.generate(prompts, sampling, seed=40)
     assert [o.text for o in first] == [o.text for o in again]
-    assert len({o.text for o in first}) == 3
+    assert len({o.text for o in first[:3]}) == 3
+    assert all(0 < o.num_tokens <= 10 for o in first)
 
 
-def test_an_unknown_model_name_fails_with_the_servers_answer(server):
+def test_an_unknown_model_name_fails_at_setup_naming_the_served_ones(server):
     reasoner = OpenAIReasoner(server, "no-such-model", api_key_env=None, timeout_s=60, max_retries=0)
-    with pytest.raises(ReasonerError, match=r"chat/completions answered HTTP 404"):
-        reasoner.generate([PROMPTS[0]], Sampling(max_new_tokens=4))
+    with pytest.raises(ValueError, match=rf"model='no-such-model' is not served .*\['{SERVED_NAME}'\]"):
+        reasoner.setup(torch.device("cpu"))
+
+
+def test_the_context_comes_from_the_server_and_long_prompts_are_fitted_not_refused(server, tiny_text_model):
+    """vllm serve --max-model-len 512: a prompt of ~500 tokens with a 64-token budget gets what is left."""
+    reasoner = OpenAIReasoner(
+        server, SERVED_NAME, api_key_env=None, timeout_s=120, max_retries=0, tokenizer=tiny_text_model
+    )
+    reasoner.setup(torch.device("cpu"))
+    assert reasoner.max_model_len == 512
+    long = chat("Count the words. " + "word " * 150)  # 492 tokens
+    room = 512 - reasoner.prompt_tokens(long)
+    assert 0 < room < 64
+    (output,) = reasoner.generate([long], Sampling(temperature=0.0, max_new_tokens=64))
+    assert output.shortened and 0 < output.num_tokens <= room
+    with pytest.raises(ReasonerError, match=r"HTTP 400: .*set tokenizer"):  # without the tokenizer vLLM refuses it
+        OpenAIReasoner(server, SERVED_NAME, api_key_env=None, timeout_s=120, max_retries=0).generate(
+            [long], Sampling(temperature=0.0, max_new_tokens=64)
+        )

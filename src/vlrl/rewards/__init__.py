@@ -1,7 +1,8 @@
 """Rewards: answer extraction, grading, reward functions and the safe runner.
 
 - ``extract_answer``: the final answer of a response (last ``\\boxed{}``, ``<answer>``, "answer is").
-- ``is_correct``: does a response's final answer equal the gold (math-verify + multiple choice)?
+- ``is_correct``: does a response's final answer equal the gold (math-verify + multiple choice)? Strict
+  ``mode="reward"`` or ``mode="benchmark"``; ``grade_answer`` also returns the answer it read.
 - reward functions (``AccuracyReward``, format rewards): callables with one protocol, see
   ``vlrl.rewards.functions``; ``reward_kwargs``: the keywords they are called with (callback facts
   arrive as the one dict ``facts``); ``correct_by_rewards``: which responses a method's rewards count
@@ -25,7 +26,7 @@ from vlrl.rewards.functions import (
     correct_by_rewards,
     reward_kwargs,
 )
-from vlrl.rewards.grading import is_correct
+from vlrl.rewards.grading import Grade, grade_answer, is_correct
 from vlrl.rewards.preference import JudgeReward, PreferenceReward, answer_tag, both_orders, judged_correctly
 from vlrl.rewards.reasoners import (
     HFReasoner,
@@ -33,6 +34,7 @@ from vlrl.rewards.reasoners import (
     Reasoner,
     ReasonerError,
     ReasonerOutput,
+    ReasonerStopped,
     ReasonerUnavailable,
     VLLMReasoner,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "BoxedFormatReward",
     "CaptionReward",
     "CaptionScores",
+    "Grade",
     "HFReasoner",
     "InvalidResponsePenalty",
     "JudgeReward",
@@ -53,6 +56,7 @@ __all__ = [
     "Reasoner",
     "ReasonerError",
     "ReasonerOutput",
+    "ReasonerStopped",
     "ReasonerUnavailable",
     "RewardFunction",
     "RewardScores",
@@ -66,6 +70,7 @@ __all__ = [
     "count_waits",
     "extract_answer",
     "extract_boxed",
+    "grade_answer",
     "invalid_reason",
     "is_correct",
     "judged_correctly",

@@ -49,6 +49,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import torch
 from PIL import Image
 
+from vlrl.errors import AllRanksError
 from vlrl.models.inputs import collate, cut_at_stop, encode_prompt, to_device
 from vlrl.models.loading import Policy, decode_responses, pad_token_id, stop_token_ids
 from vlrl.models.tiny import resolve_model_path
@@ -61,6 +62,7 @@ __all__ = [
     "Reasoner",
     "ReasonerError",
     "ReasonerOutput",
+    "ReasonerStopped",
     "ReasonerUnavailable",
     "VLLMReasoner",
     "agreed",
@@ -95,6 +97,14 @@ class ReasonerUnavailable(ReasonerError, RewardUnavailable):
 
     A ``RewardUnavailable``: the reward runner re-raises it instead of scoring the samples 0, so
     the step stops (and the run checkpoints) rather than training on rewards of a dead server.
+    """
+
+
+class ReasonerStopped(ReasonerError, AllRanksError):
+    """Raised on every rank at once (``agreed``) because the reasoner of one rank or more gave up.
+
+    An ``AllRanksError``: every rank raises it at the same point of the step, so the exception
+    handler (``vlrl.callbacks.Preemption``) can take part in a collective save of the last completed step.
     """
 
 
@@ -144,12 +154,13 @@ def thinks(text: str) -> bool:
 
 
 def agreed(call: Callable[[], T], device: torch.device) -> T:
-    """``call()`` on every rank; if it raised ``ReasonerError`` on any rank, every rank raises.
+    """``call()`` on every rank; if it raised ``ReasonerError`` on any rank, every rank raises ``ReasonerStopped``.
 
     A rank whose reasoner gave up must not leave the others waiting in the next collective until
     the process-group timeout: after the call, each rank reports whether it failed (an all-reduce
     of the flag with ``max`` over the default process group, on ``device``) and all stop together,
-    so an exception handler can checkpoint. Without a process group it is just ``call()``.
+    so an exception handler can checkpoint. Without a process group it is just ``call()`` (its
+    error raised as it is).
 
     Args:
         call: The reasoner call of this rank.
@@ -160,16 +171,18 @@ def agreed(call: Callable[[], T], device: torch.device) -> T:
     except ReasonerError as caught:
         result, error = None, caught
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([float(error is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        failed = bool(flag.item() > 0)
-    else:
-        failed = error is not None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return result
+    flag = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if error is not None:
-        raise error
-    if failed:
-        raise ReasonerError("the reasoner of another rank gave up (its error is in that rank's log): every rank stops")
+        raise ReasonerStopped(f"{type(error).__name__}: {error}") from error
+    if flag.item() > 0:
+        raise ReasonerStopped(
+            "the reasoner of another rank gave up (its error is in that rank's log): every rank stops"
+        )
     return result
 
 
