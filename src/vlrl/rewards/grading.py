@@ -281,6 +281,12 @@ def closest_option(pred: str, choices: list[str]) -> str:
     return LETTERS[distances.index(min(distances))]
 
 
+def _no_such_letter(pred: str, choices: list[str]) -> bool:
+    """Whether ``pred`` starts with an option letter beyond the last option ("(C) ..." of two options)."""
+    match = _LETTER_PART.match(_OPTION_WORD.sub("", pred.replace("$", "").strip()))
+    return match is not None and LETTERS.index(match.group(1) or match.group(2)) >= len(choices)
+
+
 def _gold_letter(answer: str, choices: list[str] | None) -> str | None:
     """The gold option letter: the answer itself if it is a letter, else the option it equals."""
     stripped = answer.strip().strip("()").strip()
@@ -371,6 +377,9 @@ def _grade(
         return Grade(False, None)
     if gold_letter is not None:
         letter, named = _read_choice(pred, choices)
+        if mode == "benchmark" and closest and choices and letter is None and _no_such_letter(pred, choices):
+            letter = closest_option(pred, choices)  # MathVista reads "(C) Cannot be determined" of 2 options so
+            return Grade(letter == gold_letter, letter)
         if letter is not None or named:
             return Grade(letter == gold_letter, letter or pred)
         gold_text = choices[LETTERS.index(gold_letter)] if choices else answer
