@@ -3,6 +3,7 @@ output through the real graders and reward runner, and NaN/inf gradients (skippe
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -99,11 +100,13 @@ def test_bad_arguments_fail_at_construction(build, message):
         build()
 
 
-def test_the_cli_names_the_bad_key_before_loading_weights(tmp_path, load_calls, monkeypatch):
+def test_the_cli_names_the_bad_key_before_loading_weights(tmp_path, load_calls, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lightning-cli"])
-    with pytest.raises(ValueError, match=r"advantage='std' needs group_size >= 2 \(got 1\)"):
+    with pytest.raises(SystemExit) as exit_info:  # vlrl's own errors: one line, no traceback, exit 1
         main(["fit", "--config", str(REPO / "configs/demo/grpo.yaml"), "--model.init_args.group_size", "1"])
-    with pytest.raises(ValueError, match=r"data.train: path .*gone.jsonl does not exist"):
+    assert exit_info.value.code == 1
+    assert re.search(r"error: advantage='std' needs group_size >= 2 \(got 1\)", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
         main(
             [
                 "fit",
@@ -117,6 +120,7 @@ def test_the_cli_names_the_bad_key_before_loading_weights(tmp_path, load_calls, 
                 '{"class_path": "vlrl.data.Files", "init_args": {"path": "%s"}}' % (tmp_path / "gone.jsonl"),
             ]
         )
+    assert re.search(r"error: data.train: path .*gone.jsonl does not exist", capsys.readouterr().err)
     assert load_calls == []
 
 
