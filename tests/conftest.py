@@ -39,6 +39,7 @@ FAST_FILES = frozenset(
         "test_algorithms.py",
         "test_algorithms_2026.py",
         "test_data.py",
+        "test_grading_modes.py",
         "test_layout.py",
         "test_metrics.py",
         "test_loss_path.py",

@@ -117,7 +117,9 @@ def test_client_errors_fail_at_once_and_malformed_answers_are_retried_a_few_time
         assert len(server.log()["requests"]) == 3
     assert output.text.endswith("\\boxed{red}.")
     with ServerProcess(actions=["malformed"] * 3) as server:
-        with pytest.raises(ReasonerError, match=r"answered 2 time\(s\) with malformed JSON .*choices.*OpenAI-compatible"):
+        with pytest.raises(
+            ReasonerError, match=r"answered 2 time\(s\) with malformed JSON .*choices.*OpenAI-compatible"
+        ):
             reasoner_for(server, malformed_retries=1).generate([ask("red")], GREEDY)
         assert len(server.log()["requests"]) == 2
 

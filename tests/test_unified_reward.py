@@ -348,3 +348,11 @@ def test_pairwise_accuracy_per_task_kind_on_a_held_out_set(tmp_path):
     for key in ("test/accuracy", "test/accuracy/generation", "test/accuracy/understanding", "test/format"):
         assert key in metrics, key
     assert 0.0 <= float(metrics["test/accuracy"]) <= 1.0
+
+
+def test_synthetic_pairs_of_chosen_question_kinds():
+    pairs = make_pairs("train", 6, tasks=["understanding"], kinds=["color"])
+    assert all(p["question"] == "What colour is the shape?" for p in pairs)
+    assert all(set(p["responses"]) <= {"red", "green", "blue", "yellow"} for p in pairs)
+    with pytest.raises(ValueError, match=r"kinds=\['size'\]"):
+        SyntheticPairs("train", 2, kinds=["size"])

@@ -9,7 +9,7 @@ from vlrl.data.datamodule import PromptDataset, RLDataModule
 from vlrl.data.errors import DataError, RowLocation
 from vlrl.data.images import fit_pixels, load_image
 from vlrl.data.loader import ResumableLoader, ResumableSampler
-from vlrl.data.preference import PreferencePairs, SyntheticPairs, make_pairs
+from vlrl.data.preference import PreferencePairs, SyntheticPairs, make_pairs, swap_candidates
 from vlrl.data.prompts import Prompt, build_messages, render_choices, strip_image_placeholders
 from vlrl.data.schema import Row, validate_row
 from vlrl.data.sft import SFTDataModule
@@ -40,5 +40,6 @@ __all__ = [
     "render_choices",
     "save_split",
     "strip_image_placeholders",
+    "swap_candidates",
     "validate_row",
 ]

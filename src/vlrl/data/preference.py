@@ -25,6 +25,11 @@ file, row and field, or skipped and counted (``on_bad_row: skip``), as for any r
 works with ``RLDataModule`` (GRPO, evaluation, rejection sampling) and ``SFTDataModule`` (the
 ``response`` becomes the assistant turn).
 
+Position bias: each chat row also carries ``swapped_messages``, the same judging chat with the
+two candidates in the other order (answers swapped in the prompt; for a generation pair the prompt is
+the same and the images change places). ``swap_candidates`` turns a batch of pairs into that other
+order, with the labels flipped, so a judge can be asked both ways (order-swap evaluation).
+
 ``SyntheticPairs`` draws an offline pairwise task from the embedded synthetic renderer, with
 templated (not distilled) chain-of-thought judgements in ``response``.
 """
@@ -42,6 +47,7 @@ from vlrl.data.errors import DataError, RowLocation
 from vlrl.data.prompts import check_template_fields, prompt_text
 from vlrl.data.sources import RawRecord, Source
 from vlrl.data.synthetic import COLOURS, SHAPES, SPLIT_BUCKETS, _bucket, check_args, make_rows, render
+from vlrl.types import PromptBatch
 
 Task = Literal["generation", "understanding"]
 TASKS: tuple[Task, ...] = ("generation", "understanding")
@@ -50,6 +56,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "understanding": ("Answer 1 is better", "Answer 2 is better"),
 }
 TEXT_FIELDS = ("caption", "question", "prompt")
+OTHER_LABEL: dict[str, str] = {a: b for first, second in LABELS.values() for a, b in ((first, second), (second, first))}
 TIE_WORDS = ("tie", "equal", "both", "same", "neither")
 _STRIP = string.whitespace + string.punctuation + "“”‘’"
 
@@ -78,6 +85,57 @@ def normalise_label(text: str) -> str:
     'image 1 is better'
     """
     return " ".join(text.split()).strip(_STRIP).lower()
+
+
+def named_position(verdict: str | None) -> int | None:
+    """Which candidate a verdict names: 1, 2, or ``None`` (no verdict, or not one of the labels).
+
+    >>> named_position(" image 2 is BETTER."), named_position("Answer 1 is better"), named_position("both")
+    (2, 1, None)
+    """
+    if verdict is None:
+        return None
+    text = normalise_label(verdict)
+    return next(
+        (i + 1 for labels in LABELS.values() for i, label in enumerate(labels) if text == normalise_label(label)), None
+    )
+
+
+def swap_candidates(batch: PromptBatch) -> PromptBatch:
+    """The pairs of ``batch`` with their two candidates in the other order and their labels flipped.
+
+    Reads each row's ``swapped_messages`` (``PreferencePairs`` writes it); a generation pair's two
+    images change places, an understanding pair keeps its images. Swapping twice gives the batch back.
+
+    Raises:
+        ValueError: a row without ``swapped_messages`` (not a ``PreferencePairs`` row).
+    """
+    extras = batch.extras or [{} for _ in batch.ids]
+    missing = [pair_id for pair_id, extra in zip(batch.ids, extras, strict=True) if "swapped_messages" not in extra]
+    if missing:
+        raise ValueError(
+            f"rows {missing[:3]} have no 'swapped_messages', so their candidates cannot be swapped; order-swap "
+            "judging needs pair rows read through vlrl.data.PreferencePairs"
+        )
+    swapped_extras = []
+    for extra, messages in zip(extras, batch.messages, strict=True):
+        swapped = {**extra, "swapped_messages": messages}
+        if "responses" in extra:
+            swapped["responses"] = list(extra["responses"])[::-1]
+        swapped_extras.append(swapped)
+    return PromptBatch(
+        ids=list(batch.ids),
+        messages=[extra["swapped_messages"] for extra in extras],
+        images=[
+            list(images)[::-1] if extra.get("task") == "generation" else list(images)
+            for images, extra in zip(batch.images, extras, strict=True)
+        ],
+        answers=[OTHER_LABEL[answer] for answer in batch.answers],
+        choices=list(batch.choices),
+        data_sources=list(batch.data_sources),
+        extras=swapped_extras,
+        questions=list(batch.questions),
+    )
 
 
 def pair_label(value: Any, task: Task, where: RowLocation | None = None) -> str:
@@ -278,20 +336,29 @@ class PreferencePairs(Source):
         label = pair_label(raw_label, task, where)
         choices = values.pop("choices", values.pop("options", None)) or None
         if task == "generation":
-            user_text = self.generation_prompt.format(caption=text)
+            user_texts = [self.generation_prompt.format(caption=text)] * 2  # the images change places instead
         else:
             question = prompt_text(text, choices, "{question}")
-            user_text = self.understanding_prompt.format(question=question, answer1=responses[0], answer2=responses[1])
-        user = [{"type": "image"} for _ in images] + [{"type": "text", "text": user_text}]
-        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
-        for name in (*TEXT_FIELDS, "chosen", "rejected", "responses", "label", "task", "messages"):
+            user_texts = [
+                self.understanding_prompt.format(question=question, answer1=first, answer2=second)
+                for first, second in (responses, responses[::-1])
+            ]
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}][
+            : bool(self.system_prompt)
+        ]
+        chats = [
+            [*system, {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": t}]}]
+            for t in user_texts
+        ]
+        for name in (*TEXT_FIELDS, "chosen", "rejected", "responses", "label", "task", "messages", "swapped_messages"):
             values.pop(name, None)
         metadata = {"dataset": values.pop("data_source", None), "gold_answer": values.pop("answer", None)}
         return {
             **values,
             **{k: v for k, v in metadata.items() if v is not None},
             "images": images,
-            "messages": [*system[: bool(self.system_prompt)], {"role": "user", "content": user}],
+            "messages": chats[0],
+            "swapped_messages": chats[1],
             "answer": label,
             "data_source": task,
             "task": task,
@@ -349,11 +416,10 @@ def _generation_pair(split: str, index: int, seed: int, image_size: int) -> dict
     }
 
 
-def _understanding_pairs(split: str, size: int, seed: int, image_size: int) -> list[dict[str, Any]]:
+def _understanding_pairs(split: str, size: int, seed: int, image_size: int, kinds: list[str]) -> list[dict[str, Any]]:
     """Questions of the synthetic task with the right answer and a wrong one; the judgement is templated."""
     if size == 0:
         return []
-    kinds = list(UNDERSTANDING_KINDS)
     scenes = make_rows(split, size, seed, kinds, image_size)
     described = make_rows(split, size, seed, kinds, image_size, text_only=True)
     pairs = []
@@ -391,11 +457,13 @@ def make_pairs(
     seed: int = 0,
     tasks: list[str] | None = None,
     image_size: int = 56,
+    kinds: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Draw ``size`` pair rows of one split; tasks take turns (row ``i`` is of ``tasks[i % len(tasks)]``).
 
     Generation pairs: caption "a <colour> <shape>" and two drawings that differ in colour or shape.
-    Understanding pairs: a synthetic scene, its question, the right and a wrong answer. The better
+    Understanding pairs: a synthetic scene, its question (of the question ``kinds``, taking turns;
+    default all of ``UNDERSTANDING_KINDS``), the right and a wrong answer. The better
     candidate is first in about half of the pairs. ``response`` is a templated chain-of-thought
     judgement (per-dimension scores, totals, verdict), not one distilled from a model.
     """
@@ -403,10 +471,20 @@ def make_pairs(
     tasks = list(TASKS) if tasks is None else list(tasks)
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"tasks={tasks} must be a non-empty list drawn from {list(TASKS)}")
+    kinds = check_kinds(kinds)
     count = {t: sum(tasks[i % len(tasks)] == t for i in range(size)) for t in TASKS}
-    understanding = iter(_understanding_pairs(split, count["understanding"], seed, image_size))
+    understanding = iter(_understanding_pairs(split, count["understanding"], seed, image_size, kinds))
     generation = iter(_generation_pair(split, i, seed, image_size) for i in range(count["generation"]))
     return [next(generation if tasks[i % len(tasks)] == "generation" else understanding) for i in range(size)]
+
+
+def check_kinds(kinds: list[str] | None) -> list[str]:
+    """The question kinds of understanding pairs (default all of ``UNDERSTANDING_KINDS``), checked."""
+    if kinds is None:
+        return list(UNDERSTANDING_KINDS)
+    if not kinds or any(k not in UNDERSTANDING_KINDS for k in kinds):
+        raise ValueError(f"kinds={kinds} must be a non-empty list drawn from {list(UNDERSTANDING_KINDS)}")
+    return list(kinds)
 
 
 class SyntheticPairs(Source):
@@ -421,6 +499,8 @@ class SyntheticPairs(Source):
         seed: Seed of the drawing (same seed, same pairs).
         tasks: Task kinds to include (default both: ``generation``, ``understanding``).
         image_size: Side of the square images in pixels.
+        kinds: Question kinds of the understanding pairs (default all: ``color``, ``shape``,
+            ``position``, ``count``).
     """
 
     def __init__(
@@ -430,12 +510,14 @@ class SyntheticPairs(Source):
         seed: int = 0,
         tasks: list[str] | None = None,
         image_size: int = 56,
+        kinds: list[str] | None = None,
     ) -> None:
         super().__init__(data_source="synthetic_pairs")
         check_args(split, size, None, image_size)
         if tasks is not None and (not tasks or any(t not in TASKS for t in tasks)):
             raise ValueError(f"tasks={tasks} must be a non-empty list drawn from {list(TASKS)}")
         self.split, self.size, self.seed, self.tasks, self.image_size = split, size, seed, tasks, image_size
+        self.kinds = check_kinds(kinds)
 
     def __repr__(self) -> str:
         return f"SyntheticPairs({self.split}, size={self.size}, seed={self.seed})"
@@ -445,5 +527,7 @@ class SyntheticPairs(Source):
 
     def records(self) -> Iterator[RawRecord]:
         where = f"synthetic_pairs[{self.split}]"
-        for number, row in enumerate(make_pairs(self.split, self.size, self.seed, self.tasks, self.image_size), 1):
+        for number, row in enumerate(
+            make_pairs(self.split, self.size, self.seed, self.tasks, self.image_size, self.kinds), 1
+        ):
             yield RawRecord(RowLocation(where, number, "row"), row, None)

@@ -18,7 +18,12 @@ one config each (``configs/unified_reward_think/``):
 
 ``validate``/``test`` judge each held-out pair once (``eval_sampling``, greedy by default) and report
 ``{stage}/accuracy`` overall and ``{stage}/accuracy/generation`` / ``…/understanding`` (the pair's
-``data_source`` is its task), plus the rate of well-formed judgements ``{stage}/format``.
+``data_source`` is its task), plus the rate of well-formed judgements ``{stage}/format``. With
+``order_swap`` each pair is judged twice, the second time with its candidates swapped (in one
+``generate`` call): ``{stage}/accuracy`` then counts a pair only when both verdicts are right (a judge
+that always names "Image 1" scores 0), ``{stage}/accuracy_one_order`` is the accuracy of the given
+order alone, and ``{stage}/position_consistency`` the rate of pairs whose two verdicts name the same
+candidate; ``{stage}/format`` is over all judgements.
 
 Decisions: with ``rejection_samples`` > 1 judgements per pair, every correct one becomes an SFT row
 and a pair goes to the GRPO file only when none is correct (with 1, the default, the split is
@@ -40,10 +45,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlrl.algorithms import group_advantages
+from vlrl.data import swap_candidates
 from vlrl.data.trajectories import TrajectoryWriter
 from vlrl.methods.grpo import GRPO
 from vlrl.metrics import AccuracyBySource
-from vlrl.rewards import TagFormatReward, judged_correctly
+from vlrl.rewards import TagFormatReward, both_orders, judged_correctly
 from vlrl.rollout import Sampling
 from vlrl.types import PromptBatch, Rollout
 
@@ -88,6 +94,8 @@ class UnifiedRewardThink(GRPO):
             written there.
         rejection_samples: Judgements sampled per pair in ``predict``.
         rejection_sampling: Sampling of those judgements (default: ``sampling``).
+        order_swap: In ``validate``/``test``, judge each pair in both orders and count it right only
+            when both verdicts are (see the module docstring); also logs the position consistency.
         **kwargs: The arguments of ``GRPO`` (advantage, eps_low, eps_high, kl_coef, ...) and
             ``RLMethod`` (policy, rewards, sampling, group_size, optimizer, ...).
     """
@@ -99,6 +107,7 @@ class UnifiedRewardThink(GRPO):
         output_dir: str | None = None,
         rejection_samples: int = 1,
         rejection_sampling: Sampling | None = None,
+        order_swap: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -110,6 +119,7 @@ class UnifiedRewardThink(GRPO):
         self.output_dir = output_dir
         self.rejection_samples = rejection_samples
         self.rejection_sampling = rejection_sampling or self.sampling
+        self.order_swap = order_swap
         self.format_reward = TagFormatReward()
         self.writer: TrajectoryWriter | None = None
         self.predicted: Counter[str] = Counter()
@@ -119,15 +129,24 @@ class UnifiedRewardThink(GRPO):
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
-        """One judgement per pair; accuracy overall and per task (``data_source``), and the format rate."""
-        rollout = self.generate(batch, self.eval_sampling, 1)
-        correct = [judged_correctly(text, label) for text, label in zip(rollout.texts, batch.answers, strict=True)]
-        metric.update(correct, batch.data_sources)
+        """One judgement per pair (two with ``order_swap``); accuracy overall and per task (``data_source``),
+        the format rate and, with ``order_swap``, the one-order accuracy and the position consistency."""
         n = len(batch)
+        judged = PromptBatch.concat([batch, swap_candidates(batch)]) if self.order_swap else batch
+        rollout = self.generate(judged, self.eval_sampling, 1)
+        texts = rollout.texts  # [n] or, with order_swap, [2n]: the given order, then the swapped one
+        one_order = [judged_correctly(text, label) for text, label in zip(texts[:n], batch.answers, strict=True)]
+        if self.order_swap:
+            swapped = both_orders(texts[:n], texts[n:], batch.answers)
+            metric.update(swapped.correct, batch.data_sources)
+            self.log(f"{stage}/accuracy_one_order", sum(one_order) / n, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/position_consistency", sum(swapped.consistent) / n, batch_size=n, sync_dist=True)
+        else:
+            metric.update(one_order, batch.data_sources)
         formats = self.format_reward(
-            rollout.texts, answers=batch.answers, choices=batch.choices, finish_reasons=[""] * n
+            texts, answers=judged.answers, choices=judged.choices, finish_reasons=[""] * len(texts)
         )
-        self.log(f"{stage}/format", sum(formats) / n, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/format", sum(formats) / len(texts), batch_size=n, sync_dist=True)
         self.log(f"{stage}/response_length", rollout.response_mask.sum(1).mean(), batch_size=n, sync_dist=True)
 
     # ---------------------------------------------------------------------- rejection sampling

@@ -11,6 +11,13 @@ A judgement reads ``<think>…reasoning, scores…</think>\\n<answer>Image 1 is 
   backend (``HFReasoner`` also shows it the prompt's images), held outside the policy's module
   tree: never trained, never checkpointed.
 
+Position bias: a judge may prefer a position rather than a candidate. ``both_orders`` scores a pair
+judged twice, the second time with its candidates swapped (``vlrl.data.preference.swap_candidates``):
+a pair counts as right only when both verdicts are right, and as position-consistent when the two
+verdicts name the same candidate (so the named position flips with the order). A judge that always
+names "Image 1" scores 0 on both, not the 50% one order gives it on a balanced set.
+``JudgeReward(order_swap=True)`` pays a response only when the judge prefers it in both positions.
+
 Verdicts are read by ``answer_tag``: the text of the last complete ``<answer>…</answer>`` (tags in
 any case; of nested tags the innermost), ``None`` without one.
 """
@@ -20,18 +27,19 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 
-from vlrl.data.preference import LABELS, UNDERSTANDING_PROMPT, normalise_label
+from vlrl.data.preference import UNDERSTANDING_PROMPT, named_position, normalise_label
 from vlrl.data.prompts import check_template_fields, strip_image_placeholders
 from vlrl.rewards.functions import RewardFunction, TagFormatReward
 from vlrl.rewards.reasoners import HFReasoner, Reasoner
 from vlrl.rollout.base import Sampling
 
-__all__ = ["JudgeReward", "PreferenceReward", "answer_tag", "judged_correctly"]
+__all__ = ["JudgeReward", "OrderSwap", "PreferenceReward", "answer_tag", "both_orders", "judged_correctly"]
 
 OPEN_TAG, CLOSE_TAG = "<answer>", "</answer>"
 POINTWISE_PROMPT = (
@@ -71,6 +79,35 @@ def judged_correctly(judgement: str, label: str) -> bool:
     """
     verdict = answer_tag(judgement)
     return verdict is not None and normalise_label(verdict) == normalise_label(label)
+
+
+@dataclass
+class OrderSwap:
+    """Per pair, judged in both orders: ``correct`` both verdicts right, ``consistent`` both name one candidate."""
+
+    correct: list[bool]
+    consistent: list[bool]
+
+
+def both_orders(first: list[str], second: list[str], labels: list[str]) -> OrderSwap:
+    """Score pairs judged as given (``first``) and with their candidates swapped (``second``).
+
+    ``labels`` are the pairs' labels in the given order. A pair is ``correct`` when both verdicts are
+    right and ``consistent`` when they name the same candidate, i.e. position 1 in one order and
+    position 2 in the other (a missing or unreadable verdict is neither).
+
+    >>> always_first = "<think>t</think><answer>Image 1 is better</answer>"
+    >>> both_orders([always_first] * 2, [always_first] * 2, ["Image 1 is better", "Image 2 is better"])
+    OrderSwap(correct=[False, False], consistent=[False, False])
+    >>> both_orders(["<answer>Image 2 is better</answer>"], ["<answer>Image 1 is better</answer>"], ["Image 2 is better"])
+    OrderSwap(correct=[True], consistent=[True])
+    """
+    correct, consistent = [], []
+    for one, two, label in zip(first, second, labels, strict=True):
+        p1, p2 = named_position(answer_tag(one)), named_position(answer_tag(two))
+        consistent.append(p1 is not None and p2 is not None and p1 != p2)
+        correct.append(consistent[-1] and p1 == named_position(label))
+    return OrderSwap(correct, consistent)
 
 
 class PreferenceReward(RewardFunction):
@@ -121,13 +158,16 @@ class JudgeReward(RewardFunction):
     All responses of a step go to the judge in one batched ``generate`` call. ``pairwise``: the
     judge compares the response with the gold answer (the response is Answer 1, or Answer 2 with
     ``response_position: second``); the reward is 1 when it prefers the response, 0 when it
-    prefers the gold answer. ``pointwise``: the reward is the last number ``score_pattern`` finds in
+    prefers the gold answer. With ``order_swap`` it judges each response in both positions (2 × the
+    prompts, still one call): 1 only when it prefers the response both times, 0 otherwise (a verdict
+    that follows the position, not the answer, earns nothing; counted in ``counts["inconsistent"]``).
+    ``pointwise``: the reward is the last number ``score_pattern`` finds in
     the verdict, divided by ``max_score``.
 
     A judge output without a usable verdict scores ``NaN``, which the reward runner replaces by its
     failure score and counts in ``reward/failures/<name>``; an exception of the judge (a server
     down) is counted the same way, so neither stops the run. ``counts`` keeps running totals
-    (``judged``, ``unparseable``).
+    (``judged``, ``unparseable``, ``inconsistent``).
 
     The judge needs each sample's question and images: the RL step passes them as ``questions``
     and ``images`` keyword arguments. The judge is loaded by ``setup`` (the RL methods call it at
@@ -142,6 +182,8 @@ class JudgeReward(RewardFunction):
             ``{question}`` and ``{response}``.
         system_prompt: Text of a system turn before the prompt (``None``: none).
         response_position: ``first`` (the response is Answer 1) or ``second``.
+        order_swap: Pairwise: judge each response in both positions and pay it only when the judge
+            prefers it in both (``response_position`` is then unused).
         score_pattern: Pointwise: regular expression of the score (its first group, if it has
             groups), searched in the ``<answer>`` text if there is one, else in the whole output;
             the last match counts.
@@ -160,6 +202,7 @@ class JudgeReward(RewardFunction):
         prompt: str | None = None,
         system_prompt: str | None = None,
         response_position: Literal["first", "second"] = "first",
+        order_swap: bool = False,
         score_pattern: str = r"-?\d+(?:\.\d+)?",
         max_score: float = 10.0,
         sampling: Sampling | None = None,
@@ -173,6 +216,11 @@ class JudgeReward(RewardFunction):
             raise ValueError(f"mode={mode!r} must be 'pairwise' or 'pointwise'")
         if response_position not in ("first", "second"):
             raise ValueError(f"response_position={response_position!r} must be 'first' or 'second'")
+        if order_swap and mode != "pairwise":
+            raise ValueError(
+                f"order_swap=true with mode={mode!r}: a pointwise judge sees one response, there is no order to "
+                "swap; set mode: pairwise or order_swap: false"
+            )
         if show_images and not isinstance(judge, HFReasoner):
             raise ValueError(
                 f"show_images=true needs a judge backend that takes images (vlrl.rewards.HFReasoner), not {judge!r}; "
@@ -192,6 +240,7 @@ class JudgeReward(RewardFunction):
         self.prompt = prompt
         self.system_prompt = system_prompt
         self.response_position = response_position
+        self.order_swap = order_swap
         self.max_score = float(max_score)
         self.sampling = sampling or Sampling(temperature=0.0, max_new_tokens=1024)
         self.show_images = show_images
@@ -223,24 +272,39 @@ class JudgeReward(RewardFunction):
         if not self._ready:
             self.setup("cuda" if torch.cuda.is_available() else "cpu")
         shown = images if self.show_images and images is not None else None
+        positions = ["first", "second"] if self.order_swap else [self.response_position]
         prompts = [
-            self.messages(question, response, reference, len(shown[i]) if shown is not None else 0)
+            self.messages(question, response, reference, len(shown[i]) if shown is not None else 0, position)
+            for position in positions
             for i, (question, response, reference) in enumerate(zip(questions, completions, answers, strict=True))
         ]
-        extra = {"images": shown} if shown is not None else {}  # only HFReasoner takes images
+        extra = {"images": shown * len(positions)} if shown is not None else {}  # only HFReasoner takes images
         outputs = self.judge.generate(prompts, self.sampling, seed=self.seed, **extra)
-        scores = [self.verdict_score(o.text) for o in outputs]
-        self.counts.update(judged=len(scores), unparseable=sum(math.isnan(s) for s in scores))
+        n = len(completions)
+        by_position = [
+            [self.verdict_score(o.text, position) for o in outputs[k * n : (k + 1) * n]]
+            for k, position in enumerate(positions)
+        ]  # [positions][N]
+        per_response = [s for s in zip(*by_position, strict=True) if not any(math.isnan(x) for x in s)]
+        scores = [math.nan if any(math.isnan(x) for x in s) else min(s) for s in zip(*by_position, strict=True)]
+        self.counts.update(
+            judged=n,
+            unparseable=n - len(per_response),
+            inconsistent=sum(len(set(s)) > 1 for s in per_response),
+        )
         return scores
 
-    def messages(self, question: str, response: str, reference: str, num_images: int) -> list[dict[str, Any]]:
-        """The judge's chat for one response (image parts first when the judge sees images)."""
+    def messages(
+        self, question: str, response: str, reference: str, num_images: int, position: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The judge's chat for one response (image parts first when the judge sees images); pairwise, the
+        response is Answer 1 when ``position`` (default ``response_position``) is ``first``."""
         question = strip_image_placeholders(question)
         if self.mode == "pointwise":
             text = self.prompt.format(question=question, response=response.strip())
         else:
             pair = (response.strip(), reference.strip())
-            first, second = pair if self.response_position == "first" else pair[::-1]
+            first, second = pair if (position or self.response_position) == "first" else pair[::-1]
             text = self.prompt.format(question=question, answer1=first, answer2=second)
         content: str | list[dict[str, Any]] = text
         if num_images:
@@ -248,8 +312,9 @@ class JudgeReward(RewardFunction):
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*system, {"role": "user", "content": content}]
 
-    def verdict_score(self, output: str) -> float:
-        """The reward of one judge output; ``NaN`` if it has no usable verdict.
+    def verdict_score(self, output: str, position: str | None = None) -> float:
+        """The reward of one judge output; ``NaN`` if it has no usable verdict. Pairwise, the response
+        was Answer 1 when ``position`` (default ``response_position``) is ``first``.
 
         >>> JudgeReward(HFReasoner("tiny:qwen2"), show_images=False).verdict_score("<answer>Answer 1 is better</answer>")
         1.0
@@ -261,11 +326,9 @@ class JudgeReward(RewardFunction):
                 return math.nan
             last = found[-1]
             return float(last.group(1) if last.groups() else last.group(0)) / self.max_score
-        if verdict is None:
-            return math.nan
-        wins = {normalise_label(label): i for i, label in enumerate(LABELS["understanding"])}
-        winner = wins.get(normalise_label(verdict))
+        if verdict is None or not normalise_label(verdict).startswith("answer"):
+            return math.nan  # no verdict, or one on images: not a verdict on two answers
+        winner = named_position(verdict)
         if winner is None:
             return math.nan
-        response = 0 if self.response_position == "first" else 1
-        return float(winner == response)
+        return float(winner == (1 if (position or self.response_position) == "first" else 2))

@@ -633,7 +633,7 @@ class OpenAIReasoner:
                 )
                 return [ReasonerOutput("", "length", 0, shortened=True) for _ in range(n)]
         body = self._body(messages, sampling, budget, n, seed)
-        data = self._attempts(self.url, lambda: self._parse(self._send(self.url, body), n), stop)
+        data = self._attempts(self.url, lambda: self._parse(self._send(self.url, body), n, body["max_tokens"]), stop)
         prefix = think_prefix(rendered) if rendered is not None else ""
         return [
             replace(output, text=whole_trajectory(output.text, reasoning, prefix), shortened=shortened)
@@ -728,8 +728,12 @@ class OpenAIReasoner:
         except (ConnectionError, http.client.HTTPException) as error:
             raise _Retryable(f"connection dropped ({type(error).__name__}: {error})") from None
 
-    def _parse(self, raw: bytes, n: int) -> list[tuple[ReasonerOutput, str | None]]:
-        """The ``n`` answers of a chat completion, each with the reasoning a reasoning parser split off."""
+    def _parse(self, raw: bytes, n: int, max_tokens: int) -> list[tuple[ReasonerOutput, str | None]]:
+        """The ``n`` answers of a chat completion, each with the reasoning a reasoning parser split off.
+
+        With ``n > 1`` and no tokenizer, usage gives only the total: each answer's count is its share
+        of it by characters, kept within [1, ``max_tokens``] for a non-empty answer (an estimate).
+        """
         data = _json(raw)
         try:
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
@@ -748,7 +752,7 @@ class OpenAIReasoner:
             counts = [len(self.template(t, add_special_tokens=False)["input_ids"]) for t in whole]
         else:  # no tokenizer: share the total out by characters
             chars = sum(len(t) for t in whole) or 1
-            counts = [round(total * len(t) / chars) for t in whole]
+            counts = [min(max(round(total * len(t) / chars), int(bool(t))), max_tokens) for t in whole]
         return [
             (ReasonerOutput(text, c.get("finish_reason") or "stop", count), reasoning)
             for text, reasoning, c, count in zip(texts, reasonings, choices, counts, strict=True)
