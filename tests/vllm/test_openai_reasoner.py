@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from vlrl.rewards import HFReasoner, OpenAIReasoner, ReasonerError
+from vlrl.rewards import HFReasoner, OpenAIReasoner
 from vlrl.rollout import Sampling
 
 pytestmark = pytest.mark.timeout(600)
@@ -129,7 +129,5 @@ def test_the_context_comes_from_the_server_and_long_prompts_are_fitted_not_refus
     assert 0 < room < 64
     (output,) = reasoner.generate([long], Sampling(temperature=0.0, max_new_tokens=64))
     assert output.shortened and 0 < output.num_tokens <= room
-    with pytest.raises(ReasonerError, match=r"HTTP 400: .*set tokenizer"):  # without the tokenizer vLLM refuses it
-        OpenAIReasoner(server, SERVED_NAME, api_key_env=None, timeout_s=120, max_retries=0).generate(
-            [long], Sampling(temperature=0.0, max_new_tokens=64)
-        )
+    # Without the tokenizer the request goes out with the whole 64-token budget; the HTTP 400 that vLLM versions
+    # answer to it (not this CPU build) and its hint are tested against the loopback server (tests/test_served_faults.py).
