@@ -209,3 +209,31 @@ def test_a_reward_failing_every_step_stops_the_run_naming_it():
     with pytest.raises(RewardFailureError, match=r"reward 'failing' .* 2 steps in a row \(last: raised KeyError"):
         trainer.fit(module, datamodule=make_data())
     assert trainer.global_step == 1  # step 0 trained on the failure score; step 1 stopped the run
+
+
+class SlowServedReward(RewardFunction):
+    """A thread reward whose backend rides out an outage: it answers after 0.6 s and needs 2 s."""
+
+    isolation = "thread"
+
+    @property
+    def min_time_budget_s(self) -> float:
+        return 2.0
+
+    def __call__(self, completions, **kwargs):
+        time.sleep(0.6)
+        return [1.0] * len(completions)
+
+
+def test_a_reward_s_own_minimum_budget_outlasts_the_runner_s_so_an_outage_pauses_rather_than_scores_zero():
+    scores = score(
+        [SlowServedReward()], ["a"], answers=["a"], choices=[None], finish_reasons=["stop"], time_budget_s=0.2
+    )
+    assert scores.failures == {"slow_served": 0} and scores.total.tolist() == [1.0]
+
+
+def test_a_served_judge_asks_for_its_backend_s_outage_budget():
+    from vlrl.rewards import OpenAIReasoner
+
+    judge = OpenAIReasoner("http://127.0.0.1:9", "judge", api_key_env=None, timeout_s=20, outage_budget_s=300)
+    assert JudgeReward(judge, show_images=False).min_time_budget_s == 300 + 20 + 30

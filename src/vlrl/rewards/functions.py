@@ -78,6 +78,15 @@ class RewardFunction:
 
     isolation: ClassVar[Literal["process", "thread"]] = "process"
 
+    @property
+    def min_time_budget_s(self) -> float:
+        """The least time one call must be given, whatever the runner's ``time_budget_s`` (default 0).
+
+        A reward backed by a server that rides out outages (``JudgeReward``) needs its backend's
+        outage budget: cut short, it would score 0 while the server restarts.
+        """
+        return 0.0
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "setup" in vars(cls) and "isolation" not in vars(cls):

@@ -248,6 +248,12 @@ class JudgeReward(RewardFunction):
         self.counts: Counter[str] = Counter()
         self._ready = False
 
+    @property
+    def min_time_budget_s(self) -> float:
+        """A served judge's outage budget plus one request's timeout (+ 30 s): an outage pauses the step."""
+        outage, timeout = getattr(self.judge, "outage_budget_s", None), getattr(self.judge, "timeout_s", None)
+        return float(outage) + float(timeout or 0.0) + 30.0 if outage is not None else 0.0
+
     def setup(self, device: torch.device | str) -> None:
         """Load the judge (once) onto ``device``."""
         self.judge.setup(torch.device(device))

@@ -392,7 +392,8 @@ def score(
         images: the images of each sample's prompt (given to ``"thread"`` rewards only).
         facts: what callbacks know about each sample (``Rollout.facts``), name -> N values; given
             to the rewards as this one dict, so a fact cannot shadow another keyword.
-        time_budget_s: the longest one reward call may take.
+        time_budget_s: the longest one reward call may take (a reward's ``min_time_budget_s``, such
+            as a served judge's outage budget, raises it for that reward).
         failure_score: score given to the samples of a failed reward call.
 
     Returns:
@@ -421,7 +422,8 @@ def score(
     for fn in reward_fns:
         values, kind, detail = None, None, ""
         if n:
-            result, kind, detail = _call(fn, completions, call_kwargs, time_budget_s)
+            budget_s = max(time_budget_s, fn.min_time_budget_s if isinstance(fn, RewardFunction) else 0.0)
+            result, kind, detail = _call(fn, completions, call_kwargs, budget_s)
             if kind is None:
                 values, kind, detail = _validate(result, n, failure_score)
         else:
