@@ -34,15 +34,17 @@ The worst case for one ``score`` call is ``len(reward_fns) * time_budget_s``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import pickle
 import random
 import signal
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -200,6 +202,27 @@ class WorkerStartError(RuntimeError):
     """A worker process could not be started; the runner then calls every reward in a thread."""
 
 
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Start a process without it re-running the trainer's ``__main__`` (spawn and forkserver children do).
+
+    A training script without an ``if __name__ == "__main__":`` guard would otherwise train again inside
+    the reward worker (and, under several ranks, wait there for a process group). Rewards defined in
+    ``__main__`` never go to a worker, so the worker does not need it.
+    """
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 class _Worker:
     """One worker process and its pipe; started by the constructor, ready when it returns."""
 
@@ -211,7 +234,8 @@ class _Worker:
         self.modules: set[str] = set()  # reward modules imported in this worker
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child,), name="vlrl-reward-worker", daemon=True)
-        self.process.start()
+        with _main_not_rerun():
+            self.process.start()
         child.close()
         try:
             ready = self.conn.poll(WORKER_START_S) and self.conn.recv() == "ready"
