@@ -215,8 +215,9 @@ PAPER_GLOBAL_BATCH = {
     "sophia.yaml": 512,
     "sophia_offline.yaml": 512,
     "ovr_cold_start.yaml": 640,
+    "dapo.yaml": 512,  # 512 prompts x G=16
 }
-PAPER_GROUP_SIZE = {"vl_rethinker.yaml": 8, "racro.yaml": 4, "ovr_rl.yaml": 16}
+PAPER_GROUP_SIZE = {"vl_rethinker.yaml": 8, "racro.yaml": 4, "ovr_rl.yaml": 16, "dapo.yaml": 16}
 # policy optimizer steps per rollout: RACRO 256 / 128 prompts = 2; OVR 1; VL-Rethinker "several" (the config's 4);
 # the two configs without a paper batch: grpo.yaml 4, UnifiedReward-Think 1
 STEPS_PER_ROLLOUT = {
@@ -225,6 +226,8 @@ STEPS_PER_ROLLOUT = {
     "vl_rethinker.yaml": 4,
     "grpo.yaml": 4,
     "unified_reward_think/grpo.yaml": 1,
+    "dapo.yaml": 16,  # 8192 samples / mini-batch 512
+    "gspo.yaml": 4,  # 8192 samples / mini-batch 2048 (the paper splits each rollout into four mini-batches)
 }
 # Per forward pass, the bf16 logits of Qwen2.5-VL-7B (vocabulary 152,064) and their gradient take
 # tokens x 152,064 x 2 bytes x 2; with weights, optimizer state and activations they must leave room on an 80 GB

@@ -522,8 +522,8 @@ class OfflineCosine(torch.optim.lr_scheduler.LambdaLR):
 
     The offline pass writes an unknown number of rows, so a fixed ``T_max`` either ends the decay
     early (and a periodic cosine warms the lr back up) or never reaches the end. This schedule
-    counts the rows the pass wrote (the lines of ``path``'s ``rank*.jsonl``) when the optimizer is
-    configured, after the pass, and decays over ``ceil(rows / global_batch_size) * epochs``
+    counts the rows the pass wrote (the lines of ``path``'s ``rank*.jsonl``) at the first optimizer
+    step, after the pass (a config can be built and checked before the pass has run), and decays over ``ceil(rows / global_batch_size) * epochs``
     optimizer steps; past them the lr stays at its final value.
 
     Args:
@@ -549,18 +549,28 @@ class OfflineCosine(torch.optim.lr_scheduler.LambdaLR):
             raise ValueError(f"global_batch_size={global_batch_size} and epochs={epochs} must be >= 1")
         if not 0 <= final_fraction <= 1:
             raise ValueError(f"final_fraction={final_fraction} must be in [0, 1] (the paper: 0.25)")
-        files = sorted(Path(path).glob(KEPT_GLOB))
-        if not files:
-            raise ValueError(
-                f"OfflineCosine path={path!r} holds no rank*.jsonl: run SOPHIA's offline pass first "
-                "(lightning-cli predict --config configs/sophia.yaml), or point path at its output_dir"
-            )
-        rows = sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
-        self.total_steps = max(math.ceil(rows / global_batch_size) * epochs, 1)
+        self.path = path
+        self.global_batch_size = global_batch_size
+        self.epochs = epochs
         self.final_fraction = final_fraction
+        self._total_steps: int | None = None  # counted at the first step: the rows may not exist yet at build time
         super().__init__(optimizer, self.factor)
+
+    @property
+    def total_steps(self) -> int:
+        """``ceil(rows / global_batch_size) * epochs``, the rows counted once, when first needed."""
+        if self._total_steps is None:
+            files = sorted(Path(self.path).glob(KEPT_GLOB))
+            if not files:
+                raise ValueError(
+                    f"OfflineCosine path={self.path!r} holds no rank*.jsonl: run SOPHIA's offline pass first "
+                    "(lightning-cli predict --config configs/sophia.yaml), or point path at its output_dir"
+                )
+            rows = sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
+            self._total_steps = max(math.ceil(rows / self.global_batch_size) * self.epochs, 1)
+        return self._total_steps
 
     def factor(self, step: int) -> float:
         """The lr factor after ``step`` optimizer steps."""
-        progress = min(step / self.total_steps, 1.0)
+        progress = min(step / self.total_steps, 1.0) if step > 0 else 0.0
         return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
