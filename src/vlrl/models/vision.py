@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.distributed.fsdp import FSDPModule
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlrl.models.loading import vision_modules
@@ -49,6 +50,10 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 def supports_shared_vision(model: torch.nn.Module) -> bool:
     """Whether ``model`` takes precomputed image features (``mm_encoder_outputs``) and can make them."""
     base = base_model(model)
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        # FSDP2 gathers a tower's shards in the root's forward; a call to the tower outside it breaks the
+        # lazy initialisation of the shards (sharded runs keep the per-sample path until this is wired in)
+        return False
     takes = "mm_encoder_outputs" in inspect.signature(base.forward).parameters
     return takes and callable(getattr(base, "get_image_features", None)) and bool(vision_modules(base))
 
