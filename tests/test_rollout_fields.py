@@ -113,6 +113,8 @@ def test_a_replay_checkpoint_round_trip_keeps_fields_and_reads_the_facts_of_earl
 class Recorder(RewardFunction):
     """Scores 0 and keeps the keywords of its last call."""
 
+    isolation = "thread"  # read back after the call: its state must change in this process, not a worker's copy
+
     def __init__(self) -> None:
         super().__init__()
         self.seen: dict = {}
