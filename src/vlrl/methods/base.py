@@ -214,9 +214,14 @@ class RLMethod(PolicyModule):
         sampling time and tokens (``perf/rollout_s``, ``perf/rollout_tokens``)."""
         start = time.perf_counter()
         rollout = self.generate(batch, self.sampling, self.group_size)  # 1. sample G responses each
-        rollout.stats["perf/rollout_s"] = time.perf_counter() - start
-        rollout.stats["perf/rollout_tokens"] = float(rollout.response_mask.sum())
+        perf = {
+            "perf/rollout_s": time.perf_counter() - start,
+            "perf/rollout_tokens": float(rollout.response_mask.sum()),
+        }
+        rollout.stats.update(perf)
         rollout = self.run_callbacks("on_rollout_end", rollout)  # 2. e.g. forced rethinking
+        for key, value in perf.items():  # kept when a callback hands back a rollout with stats of its own
+            rollout.stats.setdefault(key, value)
         rollout = self.score(rollout)  # 3. rewards
         rollout.values = self.compute_values(rollout)  # 4. critic values (None without a critic)
         rollout.advantages = self.compute_advantages(rollout)  #    advantages (group, or GAE on the values)
