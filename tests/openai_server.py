@@ -17,8 +17,11 @@ next action of ``--actions`` (once they are used up, ``ok``):
 
 The boxed word: the text after ``ANSWER=`` in the last user message if there is one; else, with
 ``--parity EVEN,ODD``, EVEN when that message has an even number of characters and ODD otherwise;
-else ``--answer``. ``GET /log`` returns every request received (body, Authorization header, action,
-arrival ``time.time()``, prompt tokens where counted) and the most requests that were in flight at once.
+else ``--answer``. With ``--replies '{"SUBSTRING": "TEXT"}'``, an answer to a request whose last user
+message contains SUBSTRING is TEXT exactly (no think block, no box; ``""``: an empty answer), as an
+answer-extraction model replies. ``GET /log`` returns every request received (body, Authorization
+header, action, arrival ``time.time()``, prompt tokens where counted) and the most requests that were
+in flight at once.
 
 Like a real server it can also (each off unless asked for):
 
@@ -65,8 +68,10 @@ class State:
         parity: tuple[str, str] | None,
         outage: tuple[int, float] | None = None,
         style: str = "plain",
+        replies: dict[str, str] | None = None,
     ) -> None:
         self.actions = list(actions)
+        self.replies = dict(replies or {})
         self.answer = answer
         self.parity = parity
         self.outage = outage
@@ -106,11 +111,23 @@ class State:
             return self.parity[len(user) % 2]
         return self.answer
 
+    def reply(self, body: dict[str, Any]) -> str | None:
+        """The ``--replies`` text for this request (the first substring found), None if none applies."""
+        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        return next((text for key, text in self.replies.items() if key in user), None)
 
-def completion(body: dict[str, Any], word: str, finish_reason: str, style: str) -> dict[str, Any]:
-    """A chat completion with ``n`` equal choices; usage counts words as tokens, summed over the choices."""
+
+def completion(
+    body: dict[str, Any], word: str, finish_reason: str, style: str, content: str | None = None
+) -> dict[str, Any]:
+    """A chat completion with ``n`` equal choices; usage counts words as tokens, summed over the choices.
+
+    ``content``: the whole answer text, as it is (instead of reasoning + the boxed word).
+    """
     answer = ANSWER.format(word)
-    if style == "parsed":
+    if content is not None:
+        message, words = {"role": "assistant", "content": content}, len(content.split())
+    elif style == "parsed":
         message = {"role": "assistant", "reasoning_content": REASONING + "\n", "content": "\n\n" + answer}
         words = len(REASONING.split()) + len(answer.split())
     else:
@@ -195,7 +212,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(int(arg), {"error": {"message": f"scripted status {arg}"}})
         else:
             reason = "length" if kind == "truncated" else "stop"
-            self.send_json(200, completion(body, self.state.word(body), reason, self.state.style))
+            content = self.state.reply(body)
+            self.send_json(200, completion(body, self.state.word(body), reason, self.state.style, content))
 
 
 def too_long(max_model_len: int, prompt_tokens: int, body: dict[str, Any]) -> str:
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parity", default=None, help="EVEN,ODD: boxed word by the user message's length parity")
     parser.add_argument("--outage", default=None, help="AFTER:SECONDS: down after AFTER requests, for SECONDS (inf)")
     parser.add_argument("--style", default="plain", choices=["plain", "open", "parsed"], help="how reasoning is sent")
+    parser.add_argument("--replies", default="{}", help='JSON {"SUBSTRING": "TEXT"}: answer TEXT exactly')
     parser.add_argument("--model", default=None, help="the model GET /v1/models lists (none: 404)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context in tokens, in GET /v1/models")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir: refuse requests past --max-model-len")
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parity = tuple(args.parity.split(",")) if args.parity else None
     after, _, seconds = (args.outage or "").partition(":")
     outage = (int(after), float(seconds)) if args.outage else None
-    Handler.state = State(json.loads(args.actions), args.answer, parity, outage, args.style)
+    Handler.state = State(json.loads(args.actions), args.answer, parity, outage, args.style, json.loads(args.replies))
     Handler.model, Handler.max_model_len = args.model, args.max_model_len
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -237,7 +256,7 @@ class ServerProcess:
     """Runs this script in a subprocess: ``with ServerProcess(actions=[...]) as server: server.base_url``.
 
     Further keywords are the script's options (``outage="4:2"``, ``style="open"``, ``model="m"``,
-    ``max_model_len=64``, ``tokenizer=path``).
+    ``max_model_len=64``, ``tokenizer=path``, ``replies=json.dumps({...})``).
     """
 
     def __init__(

@@ -10,10 +10,14 @@
 - ``score``: runs reward functions with a time budget and failure accounting -> ``RewardScores``.
 - reasoners (``HFReasoner``, ``VLLMReasoner``, ``OpenAIReasoner``: one batched ``Reasoner`` protocol)
   and ``CaptionReward``, the reasoner's graded accuracy from a caption (RACRO).
+- ``ModelExtractor``: model-based answer extraction for evaluation with the benchmarks' own prompts
+  (MathVista, MathVerse), cached, off by default; ``grade_with_extraction``: rules first, the model only
+  where the rules read no answer.
 - ``PreferenceReward`` (a pairwise judge's accuracy + format, UnifiedReward-Think) and ``JudgeReward``
   (a trained judge as the reward of another method).
 """
 
+from vlrl.rewards.answer_extraction import ModelExtractor, grade_with_extraction
 from vlrl.rewards.caption import CaptionReward, CaptionScores
 from vlrl.rewards.extract import extract_answer, extract_boxed
 from vlrl.rewards.functions import (
@@ -50,6 +54,7 @@ __all__ = [
     "HFReasoner",
     "InvalidResponsePenalty",
     "JudgeReward",
+    "ModelExtractor",
     "NativeWaitBonus",
     "OpenAIReasoner",
     "PreferenceReward",
@@ -71,6 +76,7 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "grade_answer",
+    "grade_with_extraction",
     "invalid_reason",
     "is_correct",
     "judged_correctly",
