@@ -201,7 +201,10 @@ def _rank() -> int:
 
 
 class ModelExtractor:
-    """Reads the final answer out of a response with a model, the way MathVista/MathVerse/MATH-V's evaluation does.
+    """Reads the final answer out of a response with a model, the way MathVista's and MathVerse's evaluation does.
+
+    (MATH-V's own ``evaluation/evaluate.py`` reads answers by rules only; for it an extractor is an
+    option beyond the benchmark, for the responses the rules read nothing from.)
 
     ``stats`` counts, over the extractor's life: ``requests`` (rows sent to the model), ``cache_hits``
     (rows answered from the cache, a repeat of a row asked in the same call included) and
