@@ -58,3 +58,12 @@ def test_sizes_by_hand():
 def test_each_misfit_names_its_keys(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan_update(**{**BASE, **kwargs})
+
+
+def test_a_token_budget_replaces_the_micro_batch_size_check():
+    # micro_batch_size=4 over a mini-batch of 2 is refused by sample count; with a budget the forwards are cut
+    # by tokens, so only the mini-batch sizes are checked
+    plan = plan_update(**BASE, mini_batch_size=2, max_tokens_per_micro_batch=4096)
+    assert (plan.mini_batch_size, plan.policy_steps_per_epoch, plan.max_tokens_per_micro_batch) == (2, 16, 4096)
+    with pytest.raises(ValueError, match="mini_batch_size=5 does not divide"):
+        plan_update(**BASE, mini_batch_size=5, max_tokens_per_micro_batch=4096)

@@ -39,8 +39,9 @@ from vlrl.hooks import RLCallback
 from vlrl.methods.core import PolicyModule
 from vlrl.methods.plan import UpdatePlan, plan_update
 from vlrl.metrics import AccuracyBySource
-from vlrl.models.inputs import collate, encode_prompt, to_device
+from vlrl.models.inputs import encode_prompt
 from vlrl.models.loading import Policy
+from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, response_lengths
 from vlrl.models.vision import with_shared_vision
 from vlrl.rewards import RewardFunction, is_correct, score
 from vlrl.rewards.runner import FailureStreaks
@@ -71,6 +72,19 @@ class RLMethod(PolicyModule):
             ``mini_batch_size``, not both; pair it with ``data.global_batch_size``.
         micro_batch_size: Samples per forward/backward pass (gradient accumulation inside a
             mini-batch); only memory depends on it, not the result.
+        max_tokens_per_micro_batch: Cut the training forwards (update, old, reference log-probs, critic
+            values) by tokens instead of ``micro_batch_size``: prompt + response tokens of one forward,
+            rows x (longest prompt + longest response) when padded, their sum when packed. The samples
+            of a prompt stay together where they fit; a sample over the budget runs alone (warned once).
+            Only memory and speed depend on it, not the result. ``null``: ``micro_batch_size`` samples.
+        packing: Padding-free training forwards: the samples of a micro-batch packed into one row with
+            per-sample positions (Qwen-VL's 3-D RoPE per sample) and attention kept inside each sample
+            (``vlrl.models.packing``; flash-attention's variable-length kernel with
+            ``attn_implementation: flash_attention_2``, a block-diagonal mask with sdpa/eager). The same
+            log-probs as the padded forward; it pays off when the lengths of a micro-batch's prompts and
+            responses differ (long-tailed responses, mixed image counts), above all on GPU with
+            flash-attention, and with ``max_tokens_per_micro_batch`` (a budget of real tokens). On CPU
+            with sdpa the mask is dense ``L x L``, so packing many samples costs more than it saves.
         epochs: Passes over each rollout.
         optimizer: Optimizer factory for the trainable parameters.
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
@@ -109,6 +123,8 @@ class RLMethod(PolicyModule):
         seed: int = 0,
         max_nonfinite_steps: int = 3,
         max_reward_failure_steps: int | None = 50,
+        max_tokens_per_micro_batch: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__(
             policy=policy,
@@ -138,6 +154,13 @@ class RLMethod(PolicyModule):
         self.mini_batch_size = mini_batch_size  # per device; derived in ``setup`` from global_mini_batch_size
         self.global_mini_batch_size = global_mini_batch_size
         self.micro_batch_size = micro_batch_size
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ValueError(
+                f"max_tokens_per_micro_batch must be >= 1 (tokens of one forward) or null, got {max_tokens_per_micro_batch}"
+            )
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.packing = packing
+        self._warned_over_budget = False
         self.epochs = epochs
         self.reward_time_budget_s = reward_time_budget_s
         self.reward_failures = FailureStreaks(max_reward_failure_steps)
@@ -173,6 +196,7 @@ class RLMethod(PolicyModule):
             prompts_source=prompts_source,
             group_size=self.group_size,
             micro_batch_size=self.micro_batch_size,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
             mini_batch_size=None if self.global_mini_batch_size is not None else self.mini_batch_size,
             global_mini_batch_size=self.global_mini_batch_size,
             world_size=self.trainer.world_size,
@@ -362,55 +386,88 @@ class RLMethod(PolicyModule):
         return self.loss(micro, logprobs, entropy, num_tokens, num_sequences)
 
     def micro_batches(self, rollout: Rollout) -> Iterator[Rollout]:
-        """Consecutive slices of ``micro_batch_size`` samples (the last may be smaller)."""
-        for start in range(0, len(rollout), self.micro_batch_size):
-            yield rollout.select(list(range(start, min(start + self.micro_batch_size, len(rollout)))))
+        """Consecutive slices of ``rollout`` in order: ``micro_batch_size`` samples each (the last may be
+        smaller), or with ``max_tokens_per_micro_batch`` as many as fit the budget (``budget_slices``)."""
+        n, budget = len(rollout), self.max_tokens_per_micro_batch
+        if budget is None:
+            slices = [list(range(s, min(s + self.micro_batch_size, n))) for s in range(0, n, self.micro_batch_size)]
+        else:
+            prompt, response = [p.length for p in rollout.prompts], response_lengths(rollout.response_mask)
+            slices = budget_slices(prompt, response, rollout.group_index.tolist(), budget, self.packing)
+            over = [s[0] for s in slices if len(s) == 1 and prompt[s[0]] + response[s[0]] > budget]
+            if over and not self._warned_over_budget:
+                self._warned_over_budget = True
+                log.warning(
+                    "model.max_tokens_per_micro_batch=%d: a sample of %d tokens is over it and runs alone "
+                    "(warned once); raise the budget to fit the longest prompt + max_new_tokens",
+                    budget,
+                    max(prompt[i] + response[i] for i in over),
+                )
+        for index in slices:
+            yield rollout.select(index)
 
     def accumulate_gradients(self, mini: Rollout, micro_loss: MicroLoss) -> dict[str, float]:
         """Back-propagate ``micro_loss`` over the micro-batches of ``mini``; its metrics, token-weighted.
 
         ``micro_loss`` gets the counts of trained tokens and of sequences with at least one trained token
         over the whole mini-batch on all devices, so that the micro-batch losses add up to the mini-batch
-        loss (see ``aggregate_loss``).
+        loss (see ``aggregate_loss``), whatever the micro-batches. The samples of a prompt are put together
+        first (one vision pass per prompt per micro-batch), and every device runs as many backward passes
+        as the others (each one syncs gradients): one with fewer micro-batches (a token budget) repeats
+        its last with zero weight.
         """
         world = self.trainer.world_size
+        mini = mini.select(torch.sort(mini.group_index, stable=True).indices)  # the samples of a prompt together
         # token-mean over the whole mini-batch on all devices; DDP averages gradients, so scale by world
         num_tokens = self.all_reduce(mini.train_mask.sum().to(self.device))
         # the seq-mean aggregations average over sequences with at least one trained token
         non_empty = (mini.train_mask.sum(dim=1) > 0).sum()  # sequences of this rank's mini-batch
         num_sequences = int(self.all_reduce(non_empty.to(self.device)).item())
+        micro_batches = list(self.micro_batches(mini))
+        passes = int(self.all_reduce(torch.tensor(float(len(micro_batches))), op="max").item())
         stats: dict[str, float] = defaultdict(float)
-        for micro in self.micro_batches(mini):
+        for k in range(passes):
+            micro = micro_batches[min(k, len(micro_batches) - 1)]
             loss, parts = micro_loss(micro, num_tokens, num_sequences)
+            if k >= len(micro_batches):  # a pass to match the other devices' count: no gradient, no metrics
+                self.manual_backward(loss * 0.0)
+                continue
             self.manual_backward(loss * world)
             weight = float(micro.train_mask.sum()) / max(float(mini.train_mask.sum()), 1.0)
-            for k, v in parts.items():
-                stats[k] += float(v) * weight
+            for name, v in parts.items():
+                stats[name] += float(v) * weight
         return stats
 
     def policy_logprobs(
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``)."""
-        width = rollout.response_ids.shape[1]
+        """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``), 0 after
+        each response's last real token; from a padded or a packed forward (``packing``), equal either way."""
+        batch = self.model_inputs(rollout, model=model)
+        inputs = with_shared_vision(model, rollout.prompts, batch.inputs)  # one tower pass per image
         # logits of the response positions only: none (and no gradient) for the prompt's
-        inputs = with_shared_vision(model, rollout.prompts, self.model_inputs(rollout))  # one tower pass per image
-        output = model(**inputs, use_cache=False, logits_to_keep=width + 1)
-        logits = output.logits[:, :-1]  # [n, T, V]
+        output = model(**inputs, use_cache=False, logits_to_keep=batch.keep)
+        logits = batch.responses(output.logits)  # [n, T', V] padded, [1, M, V] packed
         temperature = self.sampling.temperature or 1.0
-        response = rollout.response_ids.to(self.device)
-        logprobs = token_logprobs(logits, response, temperature)  # [n, T]
+        logprobs = batch.unpack(token_logprobs(logits, batch.targets, temperature))  # [n, T]
         entropy = None
         if with_entropy:
             with torch.enable_grad() if self.entropy_needs_grad else torch.no_grad():
-                entropy = entropy_from_logits(logits, temperature)  # [n, T]
+                entropy = batch.unpack(entropy_from_logits(logits, temperature))  # [n, T]
         return logprobs, entropy
 
-    def model_inputs(self, rollout: Rollout, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Prompts and responses of ``rollout`` as one model batch on this device; media in ``dtype``
-        (default: the policy's). Position ``-T - 1 + t`` of its outputs predicts response token ``t``."""
-        batch = collate(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask)
-        return to_device(batch, self.device, dtype or self.model.dtype)
+    def model_inputs(
+        self, rollout: Rollout, dtype: torch.dtype | None = None, model: torch.nn.Module | None = None
+    ) -> ResponseBatch:
+        """Prompts and responses of ``rollout`` as one model batch on this device: packed into one row with
+        ``packing`` (3-D RoPE positions from ``model``, default the policy), else padded; media in ``dtype``
+        (default: the policy's). ``ResponseBatch.responses`` picks the outputs that predict response tokens."""
+        if self.packing:
+            rope = mrope_index(model if model is not None else self.model)
+            batch = ResponseBatch.packed(rollout.prompts, rollout.response_ids, rollout.response_mask, rope)
+        else:
+            batch = ResponseBatch.padded(rollout.prompts, self.pad_id, rollout.response_ids, rollout.response_mask)
+        return batch.to(self.device, dtype or self.model.dtype)
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -5,7 +5,9 @@ split over devices × nodes), the group size ``G``, the update batch a callback 
 replay's ``batch_size``), the policy's mini- and micro-batches (per device, or a global mini-batch),
 and a critic's steps per rollout. ``plan_update`` derives the per-device sizes from them and raises
 one ``ValueError`` naming the keys whenever they do not fit, so a run with bad sizes stops in ``setup``
-with the fix in the message, not mid-step.
+with the fix in the message, not mid-step. A token budget (``max_tokens_per_micro_batch``) cuts the
+forwards by tokens instead of ``micro_batch_size``: the mini-batch sizes are checked alike, the
+micro-batch size is not.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ class UpdatePlan:
         rollout_size: Samples generated per device and step (prompts per device × ``G``).
         update_size: Samples in the update batch (a callback's ``update_batch_size``, else the rollout).
         mini_batch_size: Samples per policy optimizer step, or ``None``: the whole update batch.
-        micro_batch_size: Samples per forward/backward pass.
+        micro_batch_size: Samples per forward/backward pass (unused with a token budget).
         critic_steps: Critic optimizer steps per rollout (``None`` without a critic).
+        max_tokens_per_micro_batch: Tokens per forward/backward pass, or ``None``: ``micro_batch_size``
+            samples. With a budget the passes per mini-batch depend on the lengths sampled, not on sizes.
     """
 
     rollout_size: int
@@ -32,6 +36,7 @@ class UpdatePlan:
     mini_batch_size: int | None
     micro_batch_size: int
     critic_steps: int | None = None
+    max_tokens_per_micro_batch: int | None = None
 
     @property
     def policy_steps_per_epoch(self) -> int:
@@ -52,6 +57,7 @@ def plan_update(
     update_batch_size: int | None = None,
     update_batch_source: str = "",
     critic_steps: int | None = None,
+    max_tokens_per_micro_batch: int | None = None,
 ) -> UpdatePlan:
     """Derive and check the per-device sizes of an RL step.
 
@@ -67,6 +73,9 @@ def plan_update(
         update_batch_size: The update batch a callback reshapes the rollout to (per device), or ``None``.
         update_batch_source: The key that set it, for messages (e.g. ``SelectiveSampleReplay.batch_size``).
         critic_steps: A critic's optimizer steps per rollout (``model.critic_steps``), or ``None``.
+        max_tokens_per_micro_batch: ``model.max_tokens_per_micro_batch``, or ``None``. A budget replaces
+            ``micro_batch_size`` in the forwards, so the check that a micro-batch fits a mini-batch is
+            not made (the budget itself is checked by ``RLMethod``).
 
     Example:
         >>> plan = plan_update(prompts=4, prompts_source="data.batch_size=4", group_size=8, micro_batch_size=4,
@@ -93,7 +102,7 @@ def plan_update(
             f"{named} does not divide the update batch of {update_size} samples ({source}); pick a divisor of "
             f"{update_size}"
         )
-    if micro_batch_size > mini and mini_batch_size is not None:
+    if micro_batch_size > mini and mini_batch_size is not None and max_tokens_per_micro_batch is None:
         raise ValueError(
             f"micro_batch_size={micro_batch_size} is larger than {named}: a micro-batch is a slice of a mini-batch; "
             f"set micro_batch_size to a divisor of {mini}"
@@ -103,4 +112,6 @@ def plan_update(
             f"critic_steps={critic_steps} does not divide the update batch of {update_size} samples ({source}); "
             f"pick a divisor of {update_size}"
         )
-    return UpdatePlan(rollout_size, update_size, mini_batch_size, micro_batch_size, critic_steps)
+    return UpdatePlan(
+        rollout_size, update_size, mini_batch_size, micro_batch_size, critic_steps, max_tokens_per_micro_batch
+    )

@@ -147,9 +147,9 @@ class PPO(RLMethod):
     # ------------------------------------------------------------------------- values, advantages
     def critic_values(self, rollout: Rollout) -> torch.Tensor:
         """Values ``[n, T]`` of the states before each response token, ``V(prompt, response[:t])``."""
-        width = rollout.response_ids.shape[1]
-        values = self.critic_model(**self.model_inputs(rollout, self.critic_model.dtype))  # [n, P + T]
-        return values[:, -width - 1 : -1]  # [n, T]
+        batch = self.model_inputs(rollout, self.critic_model.dtype, model=self.critic_model.backbone)
+        values = self.critic_model(**batch.inputs)  # [n, P + T'] padded, [1, L] packed
+        return batch.unpack(batch.responses(values))  # [n, T], 0 after each response's last token
 
     @torch.no_grad()
     def compute_values(self, rollout: Rollout) -> torch.Tensor:
