@@ -5,6 +5,17 @@ in YAML each source is named by ``class_path`` (``vlrl.data.Files``, ``vlrl.data
 ``vlrl.data.Synthetic``) with its constructor arguments as ``init_args``.
 """
 
+from vlrl.data.benchmarks import (
+    MMMU,
+    Benchmark,
+    DynaMath,
+    LogicVista,
+    MathVerse,
+    MathVision,
+    MathVista,
+    VLRewardBench,
+    WeMath,
+)
 from vlrl.data.datamodule import PromptDataset, RLDataModule
 from vlrl.data.errors import DataError, RowLocation
 from vlrl.data.images import fit_pixels, load_image
@@ -17,9 +28,16 @@ from vlrl.data.sources import Files, HFDataset, Source, Synthetic
 from vlrl.data.synthetic import make_rows, save_split
 
 __all__ = [
+    "MMMU",
+    "Benchmark",
     "DataError",
+    "DynaMath",
     "Files",
     "HFDataset",
+    "LogicVista",
+    "MathVerse",
+    "MathVision",
+    "MathVista",
     "PreferencePairs",
     "Prompt",
     "PromptDataset",
@@ -32,6 +50,8 @@ __all__ = [
     "Source",
     "Synthetic",
     "SyntheticPairs",
+    "VLRewardBench",
+    "WeMath",
     "build_messages",
     "fit_pixels",
     "load_image",
