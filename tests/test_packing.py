@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_grpo import make_module
+from tests.test_grpo import make_data, make_module, quiet_trainer
 from tests.test_ppo import make_ppo
 from tests.test_vision_once import PatchCounter
 from vlrl.algorithms import token_logprobs
@@ -245,3 +245,28 @@ def test_mini_batch_gradient_is_the_same_for_any_micro_batches(caplog):
 def test_a_budget_below_one_token_is_named():
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch must be >= 1 .* got 0"):
         make_module(max_tokens_per_micro_batch=0)
+
+
+@pytest.mark.slow
+def test_a_step_packed_under_a_token_budget_updates_as_the_padded_step():
+    """One GRPO step with a KL to a reference and TIS (policy, old and reference passes all packed, cut by a
+    token budget) moves the weights as the padded step with fixed micro-batches does."""
+    weights, logged = {}, {}
+    for packing, budget in ((False, None), (True, 170)):  # samples of 47 + 8 tokens: three per forward
+        module = make_module(
+            packing=packing,
+            max_tokens_per_micro_batch=budget,
+            micro_batch_size=2,
+            mini_batch_size=4,
+            kl_coef=0.1,
+            importance_correction="tis",
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        )
+        trainer = quiet_trainer(max_steps=1)
+        trainer.fit(module, datamodule=make_data(batch_size=2))
+        weights[packing] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+        logged[packing] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("update/")}
+    for key in ("update/policy_loss", "update/kl_ref", "update/clip_frac"):
+        assert logged[True][key] == pytest.approx(logged[False][key], abs=1e-5), key
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-5, msg=name)
