@@ -102,6 +102,13 @@ def test_mathvista_release_json() -> None:
     assert two.question == "what is the total volume of the measuring cup?"
 
 
+def test_relative_paths_start_at_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(FIXTURES)
+    rows = MathVista("mathvista/testmini.json").load().rows + MathVision("mathvision/data/testmini.jsonl").load().rows
+    assert rows[0].images == [str(FIXTURES / "mathvista" / "images" / "1.jpg")]
+    assert rows[-1].images == [str(FIXTURES / "mathvision" / "images" / "75.jpg")]
+
+
 def test_mathvista_question_mode_and_hub_parquet(tmp_path: Path) -> None:
     release = json.loads((FIXTURES / "mathvista" / "testmini.json").read_text())
     question = _by_id(MathVista(str(FIXTURES / "mathvista"), prompt="question").load().rows)["3"]

@@ -344,7 +344,7 @@ class Benchmark(Source):
             return image
         roots = [self.image_dir] if self.image_dir is not None else [(base_dir or Path()) / r for r in self.image_roots]
         found = next((root / image for root in roots if (root / image).is_file()), roots[0] / image)
-        return os.path.normpath(found)
+        return os.path.abspath(found)  # absolute, so that the row validation does not join it to the folder again
 
 
 # ------------------------------------------------------------------------------ MathVista
