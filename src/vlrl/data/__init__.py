@@ -2,7 +2,9 @@
 
 For example ``RLDataModule(train=Synthetic("train", size=2000), val=Files("data/val.jsonl"), batch_size=8)``;
 in YAML each source is named by ``class_path`` (``vlrl.data.Files``, ``vlrl.data.HFDataset``,
-``vlrl.data.Synthetic``) with its constructor arguments as ``init_args``.
+``vlrl.data.Synthetic``) with its constructor arguments as ``init_args``. Evaluation benchmarks read as
+released (``vlrl.data.MathVista``, ``MathVision``, ``MathVerse``, ``WeMath``, ``MMMU``, ``DynaMath``,
+``LogicVista``, ``VLRewardBench``) are sources too; see ``vlrl.data.benchmarks``.
 """
 
 from vlrl.data.benchmarks import (
