@@ -24,9 +24,11 @@ Besides time, every run counts the work of a step with forward hooks on the mode
 both trainers): vision-tower calls and the images they encode, the positions the language model sees
 during the rollout's prefill (every position of the first pass of each ``generate`` call and of any
 pass over more than one token before it), and the padded fraction of the positions of the training
-forwards (log-probs and the update). ``--baseline REF`` adds a third trainer: vlrl as it was at the git
-revision ``REF`` (its ``src`` exported into a temporary folder and put first on the path), so one run
-shows vlrl before and after a change against TRL. ``--group-sizes`` and ``--vocabs`` run a grid of
+forwards (log-probs and the update; a packed forward has none). ``--packed`` adds vlrl with
+padding-free (packed) training forwards (``packing``; ``--max-tokens-per-micro-batch`` cuts them by
+a token budget), so the padded fraction shows before and after packing. ``--baseline REF`` adds vlrl
+as it was at the git revision ``REF`` (its ``src`` exported into a temporary folder and put first on
+the path), so one run shows vlrl before and after a change against TRL. ``--group-sizes`` and ``--vocabs`` run a grid of
 settings, one model per vocabulary, and print one table.
 
 A step's time is the wall time between the ends of consecutive optimizer steps (data loading,
@@ -42,6 +44,7 @@ Run (needs the ``bench`` extra: ``pip install -e .[bench]``)::
     python benchmarks/speed.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --max-new-tokens 128
     python benchmarks/speed.py --group-sizes 4 8 --vocabs tiny real --baseline ba0c2c5 --steps 3 --warmup 1 \
         --rounds 1 --max-new-tokens 64 --out benchmarks/results/speed_work.json   # before/after/TRL table
+    python benchmarks/speed.py --tiny-vocab --packed --steps 1 --warmup 1 --rounds 1 --only vlrl   # padded vs packed
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Settings:
     warmup: int = 2
     seed: int = 0
     profile: bool = False
+    max_tokens_per_micro_batch: int | None = None  # the packed vlrl run's token budget (None: micro_batch_size)
 
     @property
     def total_steps(self) -> int:
@@ -191,7 +195,8 @@ class WorkCounter:
 
 
 # ------------------------------------------------------------------------------------------- vlrl
-def run_vlrl(settings: Settings) -> dict[str, Any]:
+def run_vlrl(settings: Settings, packed: bool = False) -> dict[str, Any]:
+    """vlrl's GRPO; ``packed``: padding-free training forwards (``packing``), cut by the token budget if set."""
     import lightning.pytorch as pl
     import torch
 
@@ -207,6 +212,8 @@ def run_vlrl(settings: Settings) -> dict[str, Any]:
     phases: dict[str, float] = defaultdict(float)
     module_cls = profiled_grpo(GRPO, phases) if settings.profile else GRPO
     work = WorkCounter()
+    # only the packed run passes the options, so that a baseline revision without them runs too
+    packing = dict(packing=True, max_tokens_per_micro_batch=settings.max_tokens_per_micro_batch) if packed else {}
     module = module_cls(
         policy=Policy(settings.model_dir, dtype=settings.dtype),
         rewards=[VowelReward()],
@@ -223,6 +230,7 @@ def run_vlrl(settings: Settings) -> dict[str, Any]:
             params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
         ),
         seed=settings.seed,
+        **packing,
     )
     data = data_module(settings)
     ends: list[float] = []
@@ -392,7 +400,8 @@ def worker(which: str, settings: Settings) -> None:
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     load_before = os.getloadavg()
-    result = (run_trl if which == "trl" else run_vlrl)(settings)  # the baseline is vlrl from another path
+    # the baseline is vlrl from another path
+    result = run_trl(settings) if which == "trl" else run_vlrl(settings, packed=which == "packed")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if settings.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -449,6 +458,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], settings: Settings, rounds:
     trainers = out["trainers"]
     if "vlrl" in trainers and "trl" in trainers:
         out["trl_over_vlrl"] = trainers["trl"]["median_s_per_step"] / trainers["vlrl"]["median_s_per_step"]
+    if "packed" in trainers and "trl" in trainers:
+        out["trl_over_packed"] = trainers["trl"]["median_s_per_step"] / trainers["packed"]["median_s_per_step"]
     if "baseline" in trainers and "trl" in trainers:
         out["trl_over_baseline"] = trainers["trl"]["median_s_per_step"] / trainers["baseline"]["median_s_per_step"]
     return out
@@ -456,7 +467,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], settings: Settings, rounds:
 
 def print_grid(summaries: list[dict[str, Any]], baseline: str | None) -> None:
     """One table over the grid: per vocabulary, G and trainer, the time and the work of a step."""
-    names = {"vlrl": "vlrl", "baseline": f"vlrl@{baseline}", "trl": "TRL"}
+    names = {"vlrl": "vlrl", "packed": "vlrl packed", "baseline": f"vlrl@{baseline}", "trl": "TRL"}
     head = f"{'vocab':<6} {'G':>2} {'trainer':<16} {'s/step':>7} {'TRL/it':>7} {'vision calls':>12} "
     print("\n" + head + f"{'images':>7} {'prefill tok':>11} {'padded':>7}")
     for summary in summaries:
@@ -534,9 +545,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", metavar="REF", help="also run vlrl as it was at git revision REF (e.g. a commit before a change)"
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also run vlrl with packed (padding-free) training forwards: the padded fraction before and after",
+    )
+    parser.add_argument(
+        "--max-tokens-per-micro-batch",
+        type=int,
+        help="token budget of the packed run's forwards (default: --micro-batch-size samples per forward)",
+    )
     parser.add_argument("--profile", action="store_true", help="also time vlrl's step phases")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
-    parser.add_argument("--worker", choices=["vlrl", "baseline", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["vlrl", "packed", "baseline", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -549,7 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     vocabs = args.vocabs or ["tiny" if args.tiny_vocab or args.vocab is None else "real"]
     if "real" in vocabs and args.vocab is None:
         parser.error("--vocabs real needs --vocab (the folder with the real Qwen2.5 vocab.json and merges.txt)")
-    order = [args.only] if args.only else ["vlrl", *(["baseline"] if args.baseline else []), "trl"]
+    vlrl_runs = ["vlrl", *(["packed"] if args.packed else [])]
+    if args.only:
+        order = vlrl_runs if args.only == "vlrl" else [args.only]
+    else:
+        order = [*vlrl_runs, *(["baseline"] if args.baseline else []), "trl"]
     summaries = []
     with tempfile.TemporaryDirectory(prefix="vlrl-speed-") as tmp:
         baseline_src = export_src(args.baseline, Path(tmp) / "baseline") if args.baseline else None
@@ -570,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
                     steps=args.steps,
                     warmup=args.warmup,
                     profile=args.profile,
+                    max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                 )
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
                 start = time.perf_counter()
