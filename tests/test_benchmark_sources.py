@@ -367,6 +367,21 @@ def test_mmmu_parquet_multi_image_and_subjects(tmp_path: Path) -> None:
         MMMU(str(path), subjects=["Maths"])
 
 
+def test_mmmu_hub_snapshot_folder(tmp_path: Path) -> None:
+    """A downloaded snapshot keeps each subject's shards in its own folder; only the split's shards are read."""
+    records = _mmmu_records()
+    for subject, record in (("Math", records[0]), ("Physics", records[2])):
+        (tmp_path / subject).mkdir()
+        _parquet([record], MMMU_FEATURES, tmp_path / subject / "validation-00000-of-00001.parquet")
+        _parquet(
+            [{**record, "id": record["id"].replace("validation", "dev")}],
+            MMMU_FEATURES,
+            tmp_path / subject / "dev-00000-of-00001.parquet",
+        )
+    assert [r.id for r in MMMU(str(tmp_path)).load().rows] == ["validation_Math_1", "validation_Physics_3"]
+    assert [r.id for r in MMMU(str(tmp_path), split="dev", subjects=["Physics"]).load().rows] == ["dev_Physics_3"]
+
+
 def test_mmmu_saved_dataset_and_broken_options(tmp_path: Path) -> None:
     records = _mmmu_records()
     data = datasets.DatasetDict({"validation": datasets.Dataset.from_list(records, features=MMMU_FEATURES)})

@@ -1,8 +1,8 @@
 """Evaluation benchmarks read as released: one source per benchmark, rows in one contract.
 
 Each class reads its benchmark's original release (the JSON/JSONL file with its images folder, where the
-benchmark ships one) and its Hugging Face dataset (a Hub id, a local ``save_to_disk`` folder, or Parquet
-files), whichever ``path`` names::
+benchmark ships one) and its Hugging Face dataset (a Hub id, a downloaded Hub snapshot, a local
+``save_to_disk`` folder, or Parquet files), whichever ``path`` names (see ``read_release``)::
 
     data:
       test:
@@ -165,8 +165,9 @@ def read_release(
 
     ``path`` (or each path of a list) is a release ``.json`` file (a list of records, or an object keyed by id),
     a ``.jsonl``/``.parquet`` file or a folder of them (read by ``vlrl.data.Files``), a folder holding one of
-    ``release_files`` or written by ``save_to_disk`` (read by ``vlrl.data.HFDataset`` with ``split``), or a
-    Hugging Face Hub id, read once per ``(subset, split)`` of ``hub_configs``.
+    ``release_files`` or written by ``save_to_disk`` (read by ``vlrl.data.HFDataset`` with ``split``), a
+    downloaded Hub snapshot (the Parquet shards of ``split`` anywhere under the folder, see ``split_shards``), or
+    a Hugging Face Hub id, read once per ``(subset, split)`` of ``hub_configs``.
     """
     for name in [path] if isinstance(path, str) else path:
         local = Path(name).expanduser()
@@ -176,8 +177,12 @@ def read_release(
                 yield from ((record, None) for record in saved.records())
                 continue
             release = next((local / f for f in release_files if (local / f).is_file()), None)
+            shards = split_shards(local, split)
             if release is not None:
                 local = release
+            elif shards:
+                yield from ((record, None) for record in Files([str(shard) for shard in shards]).records())
+                continue
         if local.is_file() and local.suffix == ".json":
             yield from _json_records(local)
         elif local.exists():
@@ -193,6 +198,14 @@ def read_release(
                 reason="config",
                 skippable=False,
             )
+
+
+def split_shards(folder: Path, split: str) -> list[Path]:
+    """The Parquet files of ``split`` in a downloaded Hub snapshot: ``<split>.parquet`` or
+    ``<split>-00000-of-00002[-hash].parquet`` anywhere under ``folder`` (e.g. MMMU's ``Math/validation-...``).
+    """
+    shard = re.compile(rf"{re.escape(split)}(-\d+-of-\d+(-\w+)?)?\.parquet")
+    return sorted(path for path in folder.rglob("*.parquet") if shard.fullmatch(path.name))
 
 
 def _json_records(file: Path) -> Iterator[tuple[RawRecord, str | None]]:
@@ -732,8 +745,8 @@ class MMMU(Benchmark):
     ``breakdown``: ``subject``, ``subfield``, ``difficulty`` (``topic_difficulty``), ``discipline``.
 
     Args:
-        path: ``MMMU/MMMU``, Parquet files (or a folder of them, e.g. one subject's), or a ``save_to_disk``
-            folder.
+        path: ``MMMU/MMMU``, a downloaded snapshot of it (its ``<Subject>/<split>-*.parquet`` shards), Parquet
+            files, or a ``save_to_disk`` folder.
         split: ``validation`` (the split papers report), ``dev`` or ``test`` (no public answers).
         subjects: subjects to read, e.g. ``[Math, Physics]`` (default all 30).
         prompt: ``benchmark`` (MMMU's prompt) or ``question`` (raw question and options, for the datamodule's
