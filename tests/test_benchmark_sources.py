@@ -549,3 +549,12 @@ def test_datamodule_test_split_carries_benchmark_extras() -> None:
         else:  # raw question and lettered options, then the method's template
             assert text.endswith("\nA. 135°\nB. 140°\nC. 145°\nD. 150°\n\nPlease reason step by step.")
         assert batch.questions[1] == "what is the total volume of the measuring cup?"
+
+
+def test_docstring_examples_hold() -> None:
+    import doctest
+
+    from vlrl.data import benchmarks
+
+    results = doctest.testmod(benchmarks)
+    assert results.attempted >= 5 and results.failed == 0

@@ -333,7 +333,7 @@ class Benchmark(Source):
         row = {
             "id": item.id,
             "images": images,
-            "question": item.question if item.question.strip() else item.prompt,
+            "question": item.question if str(item.question).strip() else item.prompt,
             "answer": item.answer,
             "choices": item.choices,
             "answer_type": item.answer_type,
