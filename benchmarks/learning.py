@@ -54,6 +54,7 @@ from vlrl.callbacks import DynamicSampling, ForcedRethinking, SelectiveSampleRep
 from vlrl.data import PreferencePairs, RLDataModule, SFTDataModule, Synthetic, SyntheticPairs
 from vlrl.data.prompts import build_messages
 from vlrl.data.synthetic import make_rows
+from vlrl.evaluation import Evaluation
 from vlrl.methods import GRPO, PPO, RACRO, SFT, SOPHIA, UnifiedRewardThink
 from vlrl.methods.racro import CAPTION_PROMPT, CAPTION_SYSTEM_PROMPT
 from vlrl.models import Policy
@@ -279,6 +280,8 @@ def run_rl(
     """``steps`` training steps; held-out accuracy sampled at temperature 1 at the start and every ``every``
     steps (the curve), and greedy at the start and the end."""
     pl.seed_everything(seed, workers=True, verbose=False)
+    # the held-out figures are read strictly (as the reward reads answers), as when the table was first measured
+    module.evaluation = Evaluation(grading="reward", write_predictions=False, print_summary=False)
     recorder = Recorder(key)
     run = trainer(steps, [*callbacks, recorder], val_every=every)
     start = time.perf_counter()

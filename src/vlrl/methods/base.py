@@ -35,15 +35,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from vlrl.algorithms import AggregationMode, entropy_from_logits, policy_objective, token_logprobs, zero_advantage
 from vlrl.data import RLDataModule
 from vlrl.data.datamodule import per_device
+from vlrl.evaluation import Evaluation
 from vlrl.hooks import RLCallback
 from vlrl.methods.core import PolicyModule
 from vlrl.methods.plan import UpdatePlan, plan_update
-from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import encode_prompt
 from vlrl.models.loading import Policy
 from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, response_lengths
 from vlrl.models.vision import with_shared_vision
-from vlrl.rewards import RewardFunction, is_correct, score
+from vlrl.rewards import RewardFunction, score
 from vlrl.rewards.runner import FailureStreaks
 from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import PromptBatch, Rollout
@@ -99,6 +99,8 @@ class RLMethod(PolicyModule):
         max_nonfinite_steps: An optimizer step whose gradients hold NaN/inf is skipped (weights and
             optimizer state unchanged, counted as ``update/nonfinite_skipped``); this many in a row
             stop the run with an error.
+        evaluation: How validation and test grade and report (``vlrl.evaluation.Evaluation``; default:
+            benchmark grading, the predictions and summary files under ``<trainer.log_dir>/eval``).
     """
 
     critic_steps: int | None = None  # critic optimizer steps per rollout; a method with a critic sets it
@@ -123,6 +125,7 @@ class RLMethod(PolicyModule):
         seed: int = 0,
         max_nonfinite_steps: int = 3,
         max_reward_failure_steps: int | None = 50,
+        evaluation: Evaluation | None = None,
         max_tokens_per_micro_batch: int | None = None,
         packing: bool = False,
     ) -> None:
@@ -134,6 +137,7 @@ class RLMethod(PolicyModule):
             max_grad_norm=max_grad_norm,
             seed=seed,
             max_nonfinite_steps=max_nonfinite_steps,
+            evaluation=evaluation,
         )
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -471,15 +475,15 @@ class RLMethod(PolicyModule):
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluate(batch, self.val_accuracy, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluate(batch, self.test_accuracy, "test")
+        self.evaluate(batch, "test")
 
-    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
+    def evaluate(self, batch: PromptBatch, stage: str) -> None:
+        """One answer per prompt (``eval_sampling``), graded by ``evaluation`` and kept for its report."""
         rollout = self.generate(batch, self.eval_sampling, 1)
-        correct = [is_correct(t, a, c) for t, a, c in zip(rollout.texts, batch.answers, batch.choices, strict=True)]
-        metric.update(correct, batch.data_sources)
+        self.record(stage, batch, rollout.texts, self.evaluation.grade(rollout.texts, batch))
         self.log(f"{stage}/response_length", rollout.response_mask.sum(1).mean(), batch_size=len(batch), sync_dist=True)
 
     # -------------------------------------------------------------------------------- metrics

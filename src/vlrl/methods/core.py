@@ -10,7 +10,9 @@ method loads, shards, steps, resumes and evaluates alike:
 - ``configure_optimizers`` / ``optimizer_config``: the optimizer over the trainable parameters;
 - ``step_optimizer``: the guarded step (clip, NaN/inf guard, step, zero, scheduler);
 - ``decode``, ``seed_for`` (a stream of ``vlrl.seeding``), ``all_reduce``;
-- ``log_accuracy`` at the end of validation and test, from ``val_accuracy`` / ``test_accuracy``.
+- ``evaluation`` (``vlrl.evaluation.Evaluation``): grading of validation and test answers as the benchmarks
+  grade them, and at the end of each the report: accuracy per benchmark and category, logged, and a
+  predictions file with summary tables.
 
 What is trained and how the loss is made stays in the method: ``RLMethod.training_step`` is the RL step,
 ``SFT.training_step`` the SFT step.
@@ -28,12 +30,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from vlrl.errors import ConfigError
-from vlrl.metrics import AccuracyBySource
+from vlrl.evaluation import Evaluation, predictions
+from vlrl.evaluation import metrics as eval_metrics
 from vlrl.models.loading import Policy, decode_responses, pad_token_id, tokenizer_of
 from vlrl.models.precision import check_master_weights, compute_dtype
 from vlrl.models.sharding import shard_model
+from vlrl.rewards.grading import Grade
 from vlrl.rollout import HFEngine, RolloutEngine
 from vlrl.seeding import stream_seed
+from vlrl.types import PromptBatch
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,8 @@ class PolicyModule(pl.LightningModule):
         max_nonfinite_steps: An optimizer step whose gradients hold NaN/inf is skipped (weights and
             optimizer state unchanged, counted as ``update/nonfinite_skipped``); this many in a row stop the
             run with an error.
+        evaluation: How validation and test grade and report (``vlrl.evaluation.Evaluation``: benchmark
+            grading, optional model-based answer extraction, the predictions and summary files).
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class PolicyModule(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         seed: int = 0,
         max_nonfinite_steps: int = 3,
+        evaluation: Evaluation | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -145,8 +153,7 @@ class PolicyModule(pl.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.model: torch.nn.Module | None = None
         self.processor: Any = None
-        self.val_accuracy = AccuracyBySource()
-        self.test_accuracy = AccuracyBySource()
+        self.evaluation = evaluation or Evaluation()
 
     # ----------------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -242,17 +249,35 @@ class PolicyModule(pl.LightningModule):
         return stream_seed(self.seed, purpose, self.global_step if step is None else step, self.global_rank)
 
     # ----------------------------------------------------------------------------- evaluation
+    def on_validation_start(self) -> None:
+        self.evaluation.setup(self.device)
+
+    def on_test_start(self) -> None:
+        self.evaluation.setup(self.device)
+
     def on_validation_epoch_end(self) -> None:
-        self.log_accuracy(self.val_accuracy, "val")
+        self.report("val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_accuracy(self.test_accuracy, "test")
+        self.report("test")
 
-    def log_accuracy(self, metric: AccuracyBySource, stage: str) -> None:
-        """Log ``{stage}/accuracy`` and its per-source parts, if this epoch graded anything; then reset."""
-        if not metric.update_called:
+    def record(
+        self,
+        stage: str,
+        batch: PromptBatch,
+        responses: list[str],
+        grades: list[Grade],
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Keep the graded ``responses`` to ``batch`` (one per row) for the end-of-epoch report."""
+        self.evaluation.add(stage, predictions(batch, responses, grades, details))
+
+    def report(self, stage: str) -> None:
+        """Log ``{stage}/accuracy``, per benchmark and per category, from every rank's predictions; write the files."""
+        summary = self.evaluation.finish(stage, self.trainer if self._trainer is not None else None)
+        if summary is None:
             return
-        values = metric.compute()
-        self.log(f"{stage}/accuracy", values.pop("accuracy"), prog_bar=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        metric.reset()
+        values = eval_metrics(summary, stage)
+        # the same figures on every rank (gathered before); synced so that any rank may monitor them
+        self.log(f"{stage}/accuracy", values.pop(f"{stage}/accuracy"), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)

@@ -26,7 +26,6 @@ from dataclasses import replace
 
 from vlrl.data.prompts import build_messages, check_template_fields
 from vlrl.methods.grpo import GRPO
-from vlrl.metrics import AccuracyBySource
 from vlrl.models.loading import Policy
 from vlrl.rewards import RewardFunction
 from vlrl.rewards.caption import CaptionReward, CaptionScores
@@ -88,9 +87,11 @@ class RACRO(GRPO):
         )
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self.caption_reward.setup(self.device)
 
     def on_test_start(self) -> None:
+        super().on_test_start()
         self.caption_reward.setup(self.device)
 
     def reasoner_seed(self) -> int:
@@ -141,8 +142,9 @@ class RACRO(GRPO):
         return rollout
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
-        """Caption -> reasoner -> grade; accuracy overall and per data source."""
+    def evaluate(self, batch: PromptBatch, stage: str) -> None:
+        """Caption -> reasoner -> grade (``evaluation``'s grading) of the reasoner's first answer to each row;
+        the prediction file keeps the caption (and the tentative answer with ``joint_check``)."""
         captions = self.generate(batch, self.eval_sampling, 1)
         tentative = super().generate(batch, self.eval_sampling, 1).texts if self.joint_check else None
         result = self.reason(
@@ -152,7 +154,12 @@ class RACRO(GRPO):
             tentative=tentative,
             sampling=self.caption_reward.eval_sampling,
         )
-        metric.update(result.accuracy, batch.data_sources)
+        answers = [outputs[0].text if outputs else "" for outputs in result.outputs]
+        details = [
+            {"caption": caption, **({"tentative": tentative[i]} if tentative is not None else {})}
+            for i, caption in enumerate(captions.texts)
+        ]
+        self.record(stage, batch, answers, self.evaluation.grade(answers, batch), details)
         stats = result.stats
         figures = {
             f"{stage}/caption_length": captions.response_mask.sum(dim=1).mean().item(),

@@ -48,8 +48,9 @@ from vlrl.algorithms import group_advantages
 from vlrl.data import swap_candidates
 from vlrl.data.trajectories import TrajectoryWriter
 from vlrl.methods.grpo import GRPO
-from vlrl.metrics import AccuracyBySource
 from vlrl.rewards import TagFormatReward, both_orders, judged_correctly
+from vlrl.rewards.grading import Grade
+from vlrl.rewards.preference import answer_tag
 from vlrl.rollout import Sampling
 from vlrl.types import PromptBatch, Rollout
 
@@ -128,21 +129,28 @@ class UnifiedRewardThink(GRPO):
         return group_advantages(rollout.rewards, rollout.group_index, mode=self.advantage, eps=self.advantage_eps)
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
+    def evaluate(self, batch: PromptBatch, stage: str) -> None:
         """One judgement per pair (two with ``order_swap``); accuracy overall and per task (``data_source``),
-        the format rate and, with ``order_swap``, the one-order accuracy and the position consistency."""
+        the format rate and, with ``order_swap``, the one-order accuracy and the position consistency.
+        The predictions file keeps each judgement, its verdict and (with ``order_swap``) the swapped one."""
         n = len(batch)
         judged = PromptBatch.concat([batch, swap_candidates(batch)]) if self.order_swap else batch
         rollout = self.generate(judged, self.eval_sampling, 1)
         texts = rollout.texts  # [n] or, with order_swap, [2n]: the given order, then the swapped one
         one_order = [judged_correctly(text, label) for text, label in zip(texts[:n], batch.answers, strict=True)]
+        verdicts = [answer_tag(text) for text in texts[:n]]
+        details: list[dict] = [{"one_order_correct": ok} for ok in one_order]
         if self.order_swap:
             swapped = both_orders(texts[:n], texts[n:], batch.answers)
-            metric.update(swapped.correct, batch.data_sources)
+            correct = swapped.correct
+            for i, row in enumerate(details):
+                row.update(swapped_response=texts[n + i], consistent=swapped.consistent[i])
             self.log(f"{stage}/accuracy_one_order", sum(one_order) / n, batch_size=n, sync_dist=True)
             self.log(f"{stage}/position_consistency", sum(swapped.consistent) / n, batch_size=n, sync_dist=True)
         else:
-            metric.update(one_order, batch.data_sources)
+            correct = one_order
+        grades = [Grade(ok, verdict) for ok, verdict in zip(correct, verdicts, strict=True)]
+        self.record(stage, batch, texts[:n], grades, details)
         formats = self.format_reward(
             texts, answers=judged.answers, choices=judged.choices, finish_reasons=[""] * len(texts)
         )

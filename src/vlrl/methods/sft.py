@@ -47,11 +47,10 @@ from PIL import Image
 
 from vlrl.algorithms import aggregate_loss, token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD, ends_with_assistant
+from vlrl.evaluation import Evaluation
 from vlrl.methods.core import PolicyModule
-from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import collate, encode_prompt, extend_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
-from vlrl.rewards import is_correct
 from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import EncodedPrompt, PromptBatch
 
@@ -242,6 +241,7 @@ class SFT(PolicyModule):
         rollout_engine: Generates for ``eval_sampling`` (and SOPHIA's descriptions); default: HF
             ``generate`` on the policy itself.
         seed: The run's seed; the evaluation (and SOPHIA's) sampling streams derive from it.
+        evaluation: How generated answers are graded and reported (``vlrl.evaluation.Evaluation``).
     """
 
     def __init__(
@@ -257,6 +257,7 @@ class SFT(PolicyModule):
         max_nonfinite_steps: int = 3,
         rollout_engine: RolloutEngine | None = None,
         seed: int = 0,
+        evaluation: Evaluation | None = None,
     ) -> None:
         super().__init__(
             policy=policy,
@@ -266,6 +267,7 @@ class SFT(PolicyModule):
             max_grad_norm=max_grad_norm,
             seed=seed,
             max_nonfinite_steps=max_nonfinite_steps,
+            evaluation=evaluation,
         )
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length={max_length} must be at least 2 tokens (or null for no limit)")
@@ -347,12 +349,12 @@ class SFT(PolicyModule):
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluate(batch, self.val_accuracy, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluate(batch, self.test_accuracy, "test")
+        self.evaluate(batch, "test")
 
-    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
+    def evaluate(self, batch: PromptBatch, stage: str) -> None:
         """Token-mean NLL of the assistant tokens (row weights not applied) and, optionally, accuracy."""
         samples, _ = self.encode(batch)
         nll, tokens = 0.0, 0.0
@@ -363,10 +365,10 @@ class SFT(PolicyModule):
         if tokens:
             self.log(f"{stage}/loss", nll / tokens, batch_size=int(tokens), sync_dist=True, prog_bar=True)
         if self.eval_sampling is not None:
-            self.generation_accuracy(batch, metric)
+            self.generation_accuracy(batch, stage)
 
-    def generation_accuracy(self, batch: PromptBatch, metric: AccuracyBySource) -> None:
-        """Greedy (or ``eval_sampling``) answers to the prompts, graded against the gold answers."""
+    def generation_accuracy(self, batch: PromptBatch, stage: str) -> None:
+        """Greedy (or ``eval_sampling``) answers to the prompts with a gold answer, graded and recorded."""
         graded = [i for i, answer in enumerate(batch.answers) if answer]
         if not graded:
             return
@@ -377,5 +379,5 @@ class SFT(PolicyModule):
             prompts.append(encode_prompt(self.processor, messages[:first], batch.images[i]))
         out = self.rollout_engine.generate(prompts, self.eval_sampling, seed=self.seed_for("eval"))
         texts = self.decode(out.response_ids, out.response_mask)
-        correct = [is_correct(t, batch.answers[i], batch.choices[i]) for t, i in zip(texts, graded, strict=True)]
-        metric.update(correct, [batch.data_sources[i] for i in graded])
+        rows = batch.select(graded)
+        self.record(stage, rows, texts, self.evaluation.grade(texts, rows))

@@ -59,10 +59,9 @@ from vlrl.algorithms import token_logprobs
 from vlrl.data.sft import WEIGHT_FIELD
 from vlrl.data.trajectories import KEPT_GLOB, TrajectoryWriter
 from vlrl.methods.sft import SFT, MicroBatch, SFTSample, encode_conversation, padded_batch
-from vlrl.metrics import AccuracyBySource
 from vlrl.models.inputs import encode_prompt, map_micro_batches, to_device
 from vlrl.models.loading import Policy, tokenizer_of
-from vlrl.rewards import CaptionReward, HFReasoner, is_correct
+from vlrl.rewards import CaptionReward, HFReasoner
 from vlrl.rewards.reasoners import ReasonerOutput, agreed, thinks
 from vlrl.rollout import Sampling
 from vlrl.seeding import stream_seed
@@ -502,15 +501,14 @@ class SOPHIA(SFT):
         )
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, batch: PromptBatch, metric: AccuracyBySource, stage: str) -> None:
+    def evaluate(self, batch: PromptBatch, stage: str) -> None:
         """The policy answers each question from the image (the datamodule's prompt); graded accuracy."""
         prompts = [
             encode_prompt(self.processor, m, images) for m, images in zip(batch.messages, batch.images, strict=True)
         ]
         out = self.rollout_engine.generate(prompts, self.eval_sampling, seed=self.seed_for("eval"))
         texts = self.decode(out.response_ids, out.response_mask)
-        correct = [is_correct(t, a, c) for t, a, c in zip(texts, batch.answers, batch.choices, strict=True)]
-        metric.update(correct, batch.data_sources)
+        self.record(stage, batch, texts, self.evaluation.grade(texts, batch))
         self.log(f"{stage}/response_length", out.response_mask.sum(dim=1).float().mean(), batch_size=len(batch))
 
 

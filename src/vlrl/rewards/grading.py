@@ -373,6 +373,8 @@ def _grade(
             pred = lines[-1] if lines else None
     else:
         pred = read_final_answer(response, choices, numeric)
+        if pred is not None and numeric and _value_of(_strip_unit(pred, unit)) is None:
+            pred = None  # no number where one is asked ("I cannot tell."): unread, for a model extractor to try
     if pred is None:
         return Grade(False, None)
     if gold_letter is not None:
