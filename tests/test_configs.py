@@ -14,7 +14,8 @@ from vlrl.cli import main
 CONFIGS = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 TRAINER_OVERLAYS = [c for c in CONFIGS if "/trainer/" in c]
 ROLLOUT_OVERLAYS = [c for c in CONFIGS if "/rollout/" in c]
-FULL_CONFIGS = [c for c in CONFIGS if c not in TRAINER_OVERLAYS + ROLLOUT_OVERLAYS]
+EVAL_OVERLAYS = [c for c in CONFIGS if "/eval/" in c]
+FULL_CONFIGS = [c for c in CONFIGS if c not in TRAINER_OVERLAYS + ROLLOUT_OVERLAYS + EVAL_OVERLAYS]
 
 
 def test_there_are_configs():
@@ -42,6 +43,20 @@ def test_trainer_overlay_parses_over_a_demo_config(overlay, capsys):
     assert "strategy:" in capsys.readouterr().out
     first = Path(overlay).read_text().splitlines()
     assert any("lightning-cli" in line for line in first[:4]), "an overlay opens with the command that runs it"
+
+
+@pytest.mark.parametrize("overlay", EVAL_OVERLAYS, ids=lambda c: c.split("configs/")[-1])
+def test_eval_overlay_parses_over_the_paper_config(overlay, capsys):
+    """Each benchmark overlay over the real config its command names (tests/test_evaluation.py runs them)."""
+    first = Path(overlay).read_text().splitlines()
+    command = next(line for line in first[:6] if "lightning-cli test" in line)
+    method = command.split("--config ")[1].split()[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", method, "--config", overlay, "--print_config"])
+    assert exit_info.value.code == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    assert merged["data"]["init_args"]["test"]["class_path"].startswith("vlrl.data.")
+    assert Path(overlay).stem.replace("_", "") in merged["data"]["init_args"]["test"]["class_path"].lower()
 
 
 @pytest.mark.parametrize("overlay", ROLLOUT_OVERLAYS, ids=lambda c: c.split("configs/")[-1])

@@ -246,3 +246,49 @@ def test_validate_then_fit_on_the_same_module(tmp_path):
     assert trainer.global_step == 1
     assert "val/accuracy" in trainer.callback_metrics
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["val-step0", "val-step1"]
+
+
+FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
+# each eval overlay over a demo method on its benchmark's fixture in the release's form
+EVAL_RUNS = {
+    "mathvista": ("grpo.yaml", "mathvista/testmini.json"),
+    "mathvision": ("grpo.yaml", "mathvision/data/testmini.jsonl"),
+    "mathverse": ("grpo.yaml", "mathverse/testmini.json"),
+    "wemath": ("grpo.yaml", "wemath/testmini.json"),
+    "mmmu": ("grpo.yaml", "mmmu/validation.jsonl"),
+    "dynamath": ("grpo.yaml", "dynamath/dataset.json"),
+    "logicvista": ("grpo.yaml", "logicvista/dataset.json"),
+    "vl_rewardbench": ("unified_reward_think/grpo.yaml", "vl_rewardbench/test.jsonl"),
+}
+
+
+def test_every_eval_overlay_has_a_fixture_run():
+    assert sorted(EVAL_RUNS) == sorted(p.stem for p in (REPO / "configs" / "eval").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("benchmark", sorted(EVAL_RUNS))
+def test_eval_overlay_tests_the_tiny_model_on_the_benchmark_fixture(benchmark, tmp_path):
+    method, fixture = EVAL_RUNS[benchmark]
+    out = tmp_path / "run"
+    main(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo" / method),
+            "--config",
+            str(REPO / "configs" / "eval" / f"{benchmark}.yaml"),
+            f"--trainer.default_root_dir={out}",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--model.init_args.policy.model_path=tiny:qwen2_5_vl",
+            f"--data.init_args.test.init_args.path={FIXTURES / fixture}",
+            "--data.init_args.eval_batch_size=4",
+            "--model.init_args.eval_sampling.max_new_tokens=4",
+        ]
+    )
+    rows = [json.loads(line) for line in (out / "eval" / "test-step0" / "predictions.jsonl").read_text().splitlines()]
+    assert rows and {r["data_source"] for r in rows} == {benchmark}
+    summary = list(csv.DictReader(io.StringIO((out / "eval" / "test-step0" / "summary.csv").read_text())))
+    assert summary[0]["category"] == "all" and int(summary[0]["count"]) == len(rows)
+    assert len(summary) > 1, "the benchmark's categories are reported"
