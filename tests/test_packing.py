@@ -1,5 +1,6 @@
 """Padding-free training forwards and micro-batches by a token budget: the same log-probs, values and gradients
-as the padded forward, on the tiny Qwen2.5-VL (one and two images, text-only rows) and the tiny Qwen2."""
+as the padded forward, on the tiny Qwen2.5-VL (rows of one and two images, 3-D RoPE), LLaVA-OneVision (1-D
+positions, tiled images) and the text-only Qwen2, with the vision tower shared across a prompt's samples."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from tests.test_vision_once import PatchCounter
 from vlrl.algorithms import token_logprobs
 from vlrl.models import Policy
 from vlrl.models.inputs import encode_prompt
+from vlrl.models.loading import vision_modules
 from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, response_lengths
+from vlrl.models.tiny import build_llava_onevision
 from vlrl.models.vision import supports_shared_vision
 from vlrl.types import PromptBatch, Rollout
 
@@ -68,9 +71,12 @@ def hand_rollout(processor, vlm: bool) -> Rollout:
     )
 
 
-@pytest.fixture(scope="module", params=["tiny:qwen2_5_vl", "tiny:qwen2"])
-def loaded(request):
-    module = make_module(policy=Policy(request.param, dtype="float32"), micro_batch_size=8)
+@pytest.fixture(scope="module", params=["tiny:qwen2_5_vl", "tiny:qwen2", "llava_onevision"])
+def loaded(request, tmp_path_factory):
+    path = request.param
+    if path == "llava_onevision":  # 1-D positions, images split into tiles (anyres)
+        path = str(build_llava_onevision(tmp_path_factory.mktemp("llava")))
+    module = make_module(policy=Policy(path, dtype="float32"), micro_batch_size=8)
     module.configure_model()
     module.model.eval()  # no dropout: the two forwards must see the same function
     return request.param, module
@@ -89,7 +95,7 @@ def _logprobs_and_grads(module, rollout, packing: bool):
 
 def test_packed_equals_padded_per_token_and_in_every_gradient(loaded):
     name, module = loaded
-    vlm = name == "tiny:qwen2_5_vl"
+    vlm = name != "tiny:qwen2"
     rollout = hand_rollout(module.processor, vlm)
     mask = rollout.response_mask
     if vlm:
@@ -104,8 +110,8 @@ def test_packed_equals_padded_per_token_and_in_every_gradient(loaded):
     assert (packed - padded).abs().max().item() < 1e-5
     assert (packed_entropy - padded_entropy).abs().max().item() < 1e-5
     assert padded_grads.keys() == packed_grads.keys() and padded_grads
-    if vlm:
-        assert any("visual" in n for n in packed_grads)  # the trained vision tower gets its gradient too
+    if vlm:  # the trained vision tower gets its gradient too
+        assert any(p.grad is not None for p in vision_modules(module.model)[0].parameters())
     for n, g in packed_grads.items():
         torch.testing.assert_close(g, padded_grads[n], rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {n}")
     module.model.zero_grad()
@@ -115,7 +121,7 @@ def test_the_check_catches_shared_attention_and_wrong_positions(loaded):
     """The packed row with an all-ones mask attends across samples; on the VLM, 1-D positions in place of
     each sample's 3-D ones move the image samples: both differ from the padded forward."""
     name, module = loaded
-    rollout = hand_rollout(module.processor, name == "tiny:qwen2_5_vl")
+    rollout = hand_rollout(module.processor, name != "tiny:qwen2")
     with torch.no_grad():
         padded, _ = module.policy_logprobs(module.model, rollout)
 
@@ -137,7 +143,7 @@ def test_the_check_catches_shared_attention_and_wrong_positions(loaded):
 
 def test_packed_layout_by_hand(loaded):
     name, module = loaded
-    rollout = hand_rollout(module.processor, name == "tiny:qwen2_5_vl")
+    rollout = hand_rollout(module.processor, name != "tiny:qwen2")
     lengths = [p.length for p in rollout.prompts]
     batch = ResponseBatch.packed(
         rollout.prompts, rollout.response_ids, rollout.response_mask, mrope_index(module.model)
