@@ -142,7 +142,7 @@ import torch
 from tests.test_batch_sizes import global_data
 from tests.test_grpo import Recorder, make_module
 from tests.test_sft import TEMPLATE, make_module as make_sft
-from vlrl.data import SFTDataModule, Synthetic
+from vlrl.data import RLDataModule, SFTDataModule, Synthetic
 
 out = Path(sys.argv[1])
 
@@ -165,8 +165,13 @@ sft_data = SFTDataModule(train=Synthetic("train", size=8), global_batch_size=4, 
 sft = make_sft(micro_batch_size=1)
 sft_fit = trainer(max_steps=1)
 sft_fit.fit(sft, datamodule=sft_data)
+# test on 5 rows over 2 ranks: the distributed sampler serves one row twice; the report counts it once
+test_data = RLDataModule(train=Synthetic("train", size=8), test=Synthetic("test", size=5), global_batch_size=4,
+                         eval_batch_size=2, prompt_template="{question}")
+fit.test(grpo, datamodule=test_data, verbose=False)
 rank = fit.global_rank
 record = {
+    "test_accuracy": float(fit.callback_metrics["test/accuracy"]),
     "world_size": fit.world_size,
     "prompts_per_device": data.batch_size,
     "mini_batch_size": grpo.mini_batch_size,
@@ -198,6 +203,13 @@ def test_two_ranks_each_take_half_of_the_global_batch_and_mini_batch(tmp_path):
         assert (record["rollout_prompts"], record["grpo_steps"]) == ([2], 2)
         # SFT: 4 samples / 2 ranks = 2 each, accumulated over 2 / micro_batch_size 1 = 2 passes in one step
         assert (record["sft_samples_per_device"], record["sft_micro_batches"], record["sft_steps"]) == (2, 2.0, 1)
+    # evaluation: rank 0 wrote every rank's predictions once; both ranks log the accuracy of those 5 rows
+    written = [json.loads(line) for line in (tmp_path / "eval" / "test-step2" / "predictions.jsonl").open()]
+    assert sorted(row["id"] for row in written) == sorted({row["id"] for row in written}) and len(written) == 5
+    accuracy = sum(row["correct"] for row in written) / 5
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["test_accuracy"] for r in range(2)] == pytest.approx(
+        [accuracy, accuracy]
+    )
 
 
 # --- the shipped configs -------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_mathvista_release_json() -> None:
     # multiple choice: the gold is the option text, the options are in letter order
     assert three.choices == ["135°", "140°", "145°", "150°"] and three.answer == "145°"
     assert three.extras["answer_type"] == "text" and three.extras["question_type"] == "multi_choice"
+    assert three.extras["closest_option"] is True  # MathVista takes the nearest option of an unmatched answer
     # the release has no `query`: it is built as MathVista's build_query.py builds it (data/query.json, pid 2)
     assert _text(two) == (
         "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at "

@@ -292,3 +292,14 @@ def test_eval_overlay_tests_the_tiny_model_on_the_benchmark_fixture(benchmark, t
     summary = list(csv.DictReader(io.StringIO((out / "eval" / "test-step0" / "summary.csv").read_text())))
     assert summary[0]["category"] == "all" and int(summary[0]["count"]) == len(rows)
     assert len(summary) > 1, "the benchmark's categories are reported"
+
+
+def test_a_report_that_cannot_be_written_warns_and_keeps_the_figures(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    evaluation = Evaluation(output_dir=str(blocker / "eval"))
+    batch = batch_of([{"id": "a", "answer": "5"}])
+    evaluation.add("test", predictions(batch, ["5"], [Grade(True, "5")]))
+    with pytest.warns(UserWarning, match="the test report of step 7 is not written"):
+        summary = evaluation.finish("test", FakeTrainer(tmp_path))
+    assert metrics(summary, "test")["test/accuracy"] == 1.0

@@ -14,8 +14,9 @@ all ranks (a row that a distributed sampler served twice counts once), and write
 The Markdown table is printed at the end of ``test``. Accuracy is logged as ``{stage}/accuracy``,
 ``{stage}/accuracy/<benchmark>`` and ``{stage}/<benchmark>/<category>/<value>``.
 
-Rows carry what grading needs in ``extras`` (``vlrl.data`` benchmark sources set these): ``answer_type``,
-``precision``, ``unit`` (MathVista's) and ``breakdown``, a mapping of category name to a value or a list
+Rows carry what grading needs in ``extras`` (``vlrl.data`` benchmark sources set these; a JSONL row may
+give them as fields): ``answer_type``, ``precision``, ``unit``, ``closest_option`` (MathVista's: the option
+nearest to an answer that names none) and ``breakdown``, a mapping of category name to a value or a list
 of values (a row counts under each).
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vlrl.rewards.answer_extraction import grade_with_extraction
 from vlrl.rewards.grading import Grade
@@ -192,6 +193,7 @@ class Evaluation:
             "answer_type": extras.get("answer_type"),
             "precision": int(precision) if precision is not None else None,
             "unit": extras.get("unit"),
+            "closest_option": bool(extras.get("closest_option", False)),
         }
 
     # ----------------------------------------------------------------------------- reporting
@@ -214,15 +216,21 @@ class Evaluation:
         if not unique:
             return None
         summary = summarize(unique)
-        sanity = trainer is not None and getattr(trainer, "sanity_checking", False)
-        if trainer is not None and trainer.is_global_zero and not sanity:
-            step = trainer.global_step
-            if self.write_predictions:
-                self.last_written = self.write(unique, summary, self.folder(trainer, stage, step))
-            if self.print_summary and trainer.state.fn in ("test", "validate"):  # not each validation of a fit
-                title = f"{stage} at step {step}: {len(unique)} rows"
-                where = f"\n(predictions: {self.last_written})" if self.write_predictions else ""
-                rank_zero_info("\n" + summary_markdown(summary, title) + where)
+        if trainer is None or getattr(trainer, "sanity_checking", False):
+            return summary
+        step = trainer.global_step
+        folder = self.folder(trainer, stage, step)  # on every rank: ``trainer.log_dir`` is a collective
+        if not trainer.is_global_zero:
+            return summary
+        where = ""
+        if self.write_predictions:
+            try:
+                self.last_written = self.write(unique, summary, folder)
+                where = f"\n(predictions: {self.last_written})"
+            except OSError as error:  # a lost report must not end a run; the figures are still logged
+                rank_zero_warn(f"{error}; the {stage} report of step {step} is not written")
+        if self.print_summary and trainer.state.fn in ("test", "validate"):  # not at each validation of a fit
+            rank_zero_info("\n" + summary_markdown(summary, f"{stage} at step {step}: {len(unique)} rows") + where)
         return summary
 
     def folder(self, trainer: Any, stage: str, step: int) -> Path:

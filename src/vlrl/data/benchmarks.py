@@ -466,7 +466,8 @@ class MathVista(Benchmark):
                 "skill": list(meta.get("skills") or []),
                 **{name: meta.get(name) for name in ("task", "grade", "context", "category", "source")},
             },
-            extras={"question_type": question_type},
+            # MathVista's evaluation takes the option nearest to an answer that names none
+            extras={"question_type": question_type, "closest_option": bool(choices)},
         )
 
 
