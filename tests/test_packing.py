@@ -4,7 +4,13 @@ positions, tiled images) and the text-only Qwen2, with the vision tower shared a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,7 +21,7 @@ from tests.test_grpo import make_data, make_module, quiet_trainer
 from tests.test_ppo import make_ppo
 from tests.test_vision_once import PatchCounter
 from vlrl.algorithms import token_logprobs
-from vlrl.models import Policy
+from vlrl.models import Policy, resolve_model_path
 from vlrl.models.inputs import encode_prompt
 from vlrl.models.loading import vision_modules
 from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, response_lengths
@@ -276,3 +282,60 @@ def test_a_step_packed_under_a_token_budget_updates_as_the_padded_step():
         assert logged[True][key] == pytest.approx(logged[False][key], abs=1e-5), key
     for name, value in weights[True].items():
         torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+UNEVEN_RANKS = """
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from tests.test_batch_sizes import global_data
+from tests.test_grpo import make_module
+
+out = Path(sys.argv[1])
+
+
+class UnevenBudgets(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        # rank 0 runs each of its 4 samples alone, rank 1 all 4 in one forward
+        pl_module.max_tokens_per_micro_batch = 1 if trainer.global_rank == 0 else 100_000
+
+
+module = make_module(
+    group_size=2, packing=True, max_tokens_per_micro_batch=100_000,
+    optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+)
+losses = []
+backward = module.manual_backward
+module.manual_backward = lambda loss, *args, **kwargs: (losses.append(float(loss.detach())), backward(loss, *args, **kwargs))
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_progress_bar=False,
+    enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    callbacks=[UnevenBudgets()],
+)
+trainer.fit(module, datamodule=global_data(4, size=8))
+checksum = sum(float(p.double().sum()) for p in module.model.parameters())
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"losses": losses, "checksum": checksum}))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_with_different_micro_batch_counts_run_as_many_backward_passes(tmp_path):
+    """Under DDP every backward pass syncs gradients: a rank whose token budget gives it fewer micro-batches
+    runs zero-weight passes until it has as many as the others, and both end with the same weights."""
+    script = tmp_path / "uneven_ranks.py"
+    script.write_text(textwrap.dedent(UNEVEN_RANKS))
+    resolve_model_path("tiny:qwen2_5_vl")  # built once here: two ranks building it at once would race
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) == 4  # 2 prompts x 2 samples per rank
+    assert all(loss != 0.0 for loss in ranks[0]["losses"])
+    assert ranks[1]["losses"][0] != 0.0 and ranks[1]["losses"][1:] == [0.0, 0.0, 0.0]  # the matching passes
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], abs=1e-9)
