@@ -4,15 +4,26 @@ The judge of ``benchmarks/learning.py`` (generation pairs: a caption and two dra
 the tiny model names both drawings right but cannot compare them with the caption in a 115-token
 judgement. This benchmark gives it a pairwise task whose verdict follows step by step from what is
 drawn: understanding pairs of the colour question ("What colour is the shape?", one answer right, one
-wrong), with a short templated judgement that checks each answer against the image::
+wrong), with a short templated judgement (41 tokens of the tiny tokenizer) that copies both answers, names
+the colour seen, and names the answer that has it::
 
-    <think>The shape is red. Answer 1 says blue: wrong. Answer 2 says red: right.</think>
+    <think>Answer 1 blue. Answer 2 red. The shape is red.</think>
     <answer>Answer 2 is better</answer>
+
+What the first version of this benchmark got wrong (measured): its judgement ("The shape is red. Answer 1
+says blue: wrong. Answer 2 says red: right.") is 52 tokens, so with 48 new tokens every judgement was cut
+before ``</answer>`` (format rate 0, nothing for rejection sampling to keep); and with the checks after the
+colour, 300 SFT steps (2048 pairs, lr 1e-3, batch 32) named the colour right (100%) and copied Answer 1
+right (100%) but wrote the seen colour as Answer 2 and "Answer 1 ...: no" every time (both-orders accuracy
+0, position consistency 0): it never learnt to compare. With the answers copied first and the verdict a
+look-up of the seen colour among them, the same SFT reaches 18% both orders at 150 steps and 100% at 300.
 
 Each candidate is written plainly ("red") or boxed ("\\boxed{red}") at random, so the judge also reads a
 policy's boxed answers (``--stage reward`` below). Per seed, the paper's chain:
 
-1. cold start: SFT on ``COLD_PAIRS`` templated judgements (``COLD_STEPS`` steps);
+1. cold start: SFT on ``COLD_PAIRS`` templated judgements (``COLD_STEPS`` steps, lr 1e-3, batch 32: the
+   settings of DESIGN.md's learnability probe), stopped short of the 300 steps that reach 100%, so the later
+   stages have something to add;
 2. rejection sampling: the cold-start judge samples one judgement (T = 1) for each of
    ``RS_PAIRS`` other training pairs (``UnifiedRewardThink.predict``); the right ones are SFT data
    for ``RS_STEPS`` more steps with the stage-1 settings, the wrong ones go to stage 3;
@@ -25,13 +36,25 @@ line to ``benchmarks/results/judge_learning.jsonl`` and redraws ``docs/learning_
 
 ``--stage reward``: the trained judge (stage 3 of ``--judge-seed``) as ``JudgeReward`` in a GRPO run of
 the tiny policy of ``benchmarks/learning.py`` (after its 60-step warm start) on the colour question, paid
-only by the judge (no gold-answer reward), pairwise with order swap; the policy's held-out accuracy
-(exact match with the gold answer) against the step goes to ``docs/judge_reward_grpo.png``.
+only by the judge (no gold-answer reward), ``REWARD_STEPS`` steps; ``--mode``:
+
+- ``pairwise``: the response against the gold answer, the response as Answer 1. A right response makes a pair
+  of two equal answers, which the judge never saw in training (ties are not a label), so its verdict on it
+  is a matter of position;
+- ``pairwise_swap``: the same in both positions, paid only when preferred in both: for two equal answers
+  that asks a position-consistent judge for opposite verdicts on the same content;
+- ``pointwise``: ``POINT_PROMPT`` (one answer, "1" right / "0" wrong), with the stage-3 judge taught that
+  prompt by ``POINT_STEPS`` more SFT steps on ``ColourAnswers``;
+- ``gold``: the control, paid by the gold answer (``AccuracyReward``).
+
+Before training, each judge's pay of a boxed right and a boxed wrong answer on 128 held-out questions is
+recorded (``judge_check``); the policy's held-out accuracy (exact match with the gold answer, sampled at
+T = 1) against the step goes to ``docs/judge_reward_grpo.png``.
 
 Run from the repository root::
 
     nice -n 15 python -m benchmarks.judge_learning --seed 0 1
-    nice -n 15 python -m benchmarks.judge_learning --stage reward --seed 0 --judge-seed 0
+    nice -n 15 python -m benchmarks.judge_learning --stage reward --seed 0 --judge-seed 0 --mode pointwise pairwise gold
     python -m benchmarks.judge_learning --report
 """
 
@@ -39,9 +62,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +75,11 @@ import torch
 from benchmarks.learning import ROOT, Recorder, adamw, answer_start, code_version, trainer
 
 from vlrl.data import Files, PreferencePairs, RLDataModule, SFTDataModule, Synthetic, SyntheticPairs
+from vlrl.data.synthetic import COLOURS
 from vlrl.methods import GRPO, SFT, UnifiedRewardThink
 from vlrl.models import Policy
 from vlrl.models.tiny import resolve_model_path
-from vlrl.rewards import HFReasoner, JudgeReward, PreferenceReward
+from vlrl.rewards import AccuracyReward, HFReasoner, JudgeReward, PreferenceReward
 from vlrl.rollout import Sampling
 
 CACHE = ROOT / "outputs" / "benchmarks" / "judge_learning"
@@ -64,11 +90,11 @@ PROMPT = (
     "Question: {question}\nAnswer 1: {answer1}\nAnswer 2: {answer2}\nWhich answer is better? Check each answer "
     "against the image inside <think></think>, then answer inside <answer></answer>."
 )
-COLD_PAIRS, COLD_STEPS = 256, 100
-RS_PAIRS, RS_STEPS = 256, 40
+COLD_PAIRS, COLD_STEPS = 2048, 200
+RS_PAIRS, RS_STEPS = 512, 60
 GRPO_STEPS, GRPO_EVERY = 24, 8
 HELD_OUT = 128  # test pairs, each judged in both orders
-TOKENS = 48  # a judgement is about 35 tokens of the tiny tokenizer
+TOKENS = 56  # a judgement is 41 tokens of the tiny tokenizer, + EOS
 GREEDY = Sampling(temperature=0.0, max_new_tokens=TOKENS)
 SAMPLED = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=TOKENS)
 
@@ -93,10 +119,8 @@ class ColourPairs(PreferencePairs):
         row = super().judge_record({**record, "responses": shown}, where)
         better = int(row["answer"][7])  # "Answer 2 is better"
         gold = plain[better - 1]
-        checks = " ".join(
-            f"Answer {i + 1} says {a}: {'right' if i + 1 == better else 'wrong'}." for i, a in enumerate(plain)
-        )
-        row["response"] = f"<think>The shape is {gold}. {checks}</think>\n<answer>{row['answer']}</answer>"
+        copies = " ".join(f"Answer {i + 1} {a}." for i, a in enumerate(plain))
+        row["response"] = f"<think>{copies} The shape is {gold}.</think>\n<answer>{row['answer']}</answer>"
         return row
 
 
@@ -164,6 +188,7 @@ def chain(seed: int) -> dict[str, Any]:
     """Cold start -> rejection sampling -> GRPO for one seed, evaluated after each stage."""
     out = CACHE / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "pointwise", ignore_errors=True)  # taught from this seed's judge: retrain it
     wall: dict[str, float] = {}
     start = time.perf_counter()
     cold = sft(resolve_model_path("tiny:qwen2_5_vl"), ColourPairs("train", COLD_PAIRS), COLD_STEPS, seed, out / "cold")
@@ -213,19 +238,113 @@ class PolicyAccuracy(pl.Callback):
         self.accuracy.append(float(trainer.callback_metrics["val/accuracy"]))
 
 
-def judge_reward_run(seed: int, judge_seed: int, mode: str, steps: int = 48, every: int = 8) -> dict[str, Any]:
-    """GRPO of the warm-started tiny policy on the colour question, paid only by the trained judge."""
+POINT_PROMPT = (
+    "Question: {question}\nAnswer: {response}\nIs the answer right? Check it against the image inside "
+    "<think></think>, then answer 1 (right) or 0 (wrong) inside <answer></answer>."
+)
+POINT_STEPS = 150  # SFT steps that teach the trained judge the pointwise prompt
+REWARD_STEPS, REWARD_EVERY = 32, 8
+MODES = ["pointwise", "pairwise", "pairwise_swap", "gold"]
+
+
+class ColourAnswers(Synthetic):
+    """Colour questions with one candidate answer each as pointwise judging prompts (``POINT_PROMPT``).
+
+    The candidate is the right colour or a wrong one, written plainly or boxed, each at random; ``answer``
+    is ``1`` (right) or ``0``, ``response`` the templated judgement
+    ``<think>Answer blue. The shape is red.</think>\\n<answer>0</answer>``, ``candidate`` the candidate.
+
+    Args:
+        split: Which split to draw.
+        size: Number of rows.
+    """
+
+    def __init__(self, split: str, size: int) -> None:
+        super().__init__(split, size, kinds=["color"])
+
+    def records(self) -> Iterator[Any]:
+        for record in super().records():
+            row = record.value
+            rng = random.Random(f"judge-learning/pointwise/{row['id']}")
+            gold = row["answer"]
+            said = gold if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != gold])
+            shown = f"\\boxed{{{said}}}" if rng.random() < 0.5 else said
+            right = int(said == gold)
+            row["question"] = POINT_PROMPT.format(question=row["question"], response=shown)
+            row["response"] = f"<think>Answer {said}. The shape is {gold}.</think>\n<answer>{right}</answer>"
+            row["answer"], row["candidate"] = str(right), shown
+            yield record
+
+
+def pointwise_judge(judge_seed: int) -> Path:
+    """The trained judge of ``judge_seed`` after ``POINT_STEPS`` SFT steps on ``ColourAnswers`` (cached)."""
+    out = CACHE / f"seed{judge_seed}" / "pointwise"
+    if not (out / "config.json").exists():
+        pl.seed_everything(judge_seed, workers=True, verbose=False)
+        module = SFT(Policy(str(trained_judge(judge_seed)), dtype="float32"), optimizer=adamw(1e-3), max_length=256)
+        data = SFTDataModule(train=ColourAnswers("train", 2048), batch_size=32, seed=judge_seed)
+        trainer(POINT_STEPS, []).fit(module, datamodule=data)
+        module.model.save_pretrained(out)
+        module.processor.save_pretrained(out)
+    return out
+
+
+def trained_judge(judge_seed: int) -> Path:
     path = CACHE / f"seed{judge_seed}" / "grpo"
     if not (path / "config.json").exists():
         raise SystemExit(f"no trained judge at {path}: run `python -m benchmarks.judge_learning --seed {judge_seed}`")
-    reward = JudgeReward(
-        HFReasoner(str(path), dtype="float32"),
+    return path
+
+
+def judge_reward(judge_seed: int, mode: str) -> JudgeReward:
+    """The trained judge as ``JudgeReward``: ``pairwise`` (the response against the gold answer, the response
+    first), ``pairwise_swap`` (both positions) or ``pointwise`` (``POINT_PROMPT``, score 1 or 0)."""
+    if mode == "pointwise":
+        return JudgeReward(
+            HFReasoner(str(pointwise_judge(judge_seed)), dtype="float32"),
+            mode="pointwise",
+            prompt=POINT_PROMPT,
+            score_pattern=r"[01]",
+            max_score=1.0,
+            sampling=GREEDY,
+            name="judge",
+        )
+    return JudgeReward(
+        HFReasoner(str(trained_judge(judge_seed)), dtype="float32"),
         mode="pairwise",
         prompt=PROMPT,
         order_swap=mode == "pairwise_swap",
         sampling=GREEDY,
         name="judge",
     )
+
+
+def reward_check(reward: JudgeReward, size: int = 128) -> dict[str, float]:
+    """What the judge pays a boxed right answer and a boxed wrong one on held-out colour questions (mean
+    reward; an unreadable verdict counts 0), before any policy training."""
+    rows = [r.value for r in ColourAnswers("test", size).records()]
+    said = [row["response"].removeprefix("<think>Answer ").split(".")[0] for row in rows]
+    gold = [row["response"].split("The shape is ")[1].split(".")[0] for row in rows]
+    scores = reward(
+        [f"\\boxed{{{s}}}" for s in said],
+        answers=gold,
+        choices=[None] * size,
+        finish_reasons=["stop"] * size,
+        questions=["What colour is the shape?"] * size,
+        images=[row["images"] for row in rows],
+    )
+    paid = {True: [], False: []}
+    for s, g, score in zip(said, gold, scores, strict=True):
+        paid[s == g].append(0.0 if math.isnan(score) else score)
+    return {"right_paid": sum(paid[True]) / len(paid[True]), "wrong_paid": sum(paid[False]) / len(paid[False])}
+
+
+def judge_reward_run(seed: int, judge_seed: int, mode: str) -> dict[str, Any]:
+    """GRPO of the warm-started tiny policy on the colour question, paid only by the trained judge (``gold``: by
+    the gold answer instead, the control)."""
+    reward = AccuracyReward() if mode == "gold" else judge_reward(judge_seed, mode)
+    check = None if mode == "gold" else reward_check(reward)
+    print(f"judge as reward ({mode}): {check}", flush=True)
     pl.seed_everything(seed, workers=True, verbose=False)
     module = GRPO(
         policy=Policy(answer_start(), dtype="float32"),
@@ -248,7 +367,7 @@ def judge_reward_run(seed: int, judge_seed: int, mode: str, steps: int = 48, eve
     )
     accuracy, recorder = PolicyAccuracy(), Recorder("reward/mean")
     start = time.perf_counter()
-    run = trainer(steps, [accuracy, recorder], val_every=every)
+    run = trainer(REWARD_STEPS, [accuracy, recorder], val_every=REWARD_EVERY)
     run.validate(module, datamodule=data, verbose=False)
     run.fit(module, datamodule=data)
     return {
@@ -257,11 +376,12 @@ def judge_reward_run(seed: int, judge_seed: int, mode: str, steps: int = 48, eve
         "seed": seed,
         "judge_seed": judge_seed,
         "held_out": 256,
+        "judge_check": check,
         "eval_steps": accuracy.steps,
         "accuracy": accuracy.accuracy,
         "steps": recorder.curves.steps,
         "rewards": recorder.curves.rewards,
-        "judge_counts": dict(reward.counts),
+        "judge_counts": dict(getattr(reward, "counts", {})),
         "wall_s": time.perf_counter() - start,
         "commit": code_version(),
     }
@@ -311,9 +431,11 @@ def report() -> str:
     for r in runs:
         lines.append(f"\nseed {r['seed']}: rejection sampling {r['rejection']}; wall s {r['wall_s']}")
     for (seed, mode), r in sorted(latest("judge_reward").items()):
+        check = r["judge_check"] or {"right_paid": 1.0, "wrong_paid": 0.0}
         lines.append(
             f"\njudge reward ({mode}, seed {seed}): policy accuracy {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} "
-            f"over {r['steps'][-1] if r['steps'] else 0} steps; judge counts {r['judge_counts']}"
+            f"over {r['steps'][-1] if r['steps'] else 0} steps; judge pays a right / wrong boxed answer "
+            f"{check['right_paid']:.3f} / {check['wrong_paid']:.3f}; judge counts {r['judge_counts']}"
         )
     return "\n".join(lines)
 
@@ -375,9 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", choices=["chain", "reward"], default="chain")
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], dest="seeds")
     parser.add_argument("--judge-seed", type=int, default=0, help="--stage reward: which seed's trained judge")
-    parser.add_argument(
-        "--mode", nargs="+", default=["pairwise", "pairwise_swap"], choices=["pairwise", "pairwise_swap"]
-    )
+    parser.add_argument("--mode", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--report", action="store_true", help="print the table and redraw the figures")
     args = parser.parse_args(argv)
