@@ -342,8 +342,11 @@ def reward_check(reward: JudgeReward, size: int = 128) -> dict[str, float]:
 def judge_reward_run(seed: int, judge_seed: int, mode: str) -> dict[str, Any]:
     """GRPO of the warm-started tiny policy on the colour question, paid only by the trained judge (``gold``: by
     the gold answer instead, the control)."""
-    reward = AccuracyReward() if mode == "gold" else judge_reward(judge_seed, mode)
-    check = None if mode == "gold" else reward_check(reward)
+    reward, check = AccuracyReward(), None
+    if mode != "gold":
+        reward = judge_reward(judge_seed, mode)
+        check = reward_check(reward)
+        reward.counts.clear()  # the check's judgements are not the run's
     print(f"judge as reward ({mode}): {check}", flush=True)
     pl.seed_everything(seed, workers=True, verbose=False)
     module = GRPO(
@@ -381,7 +384,7 @@ def judge_reward_run(seed: int, judge_seed: int, mode: str) -> dict[str, Any]:
         "accuracy": accuracy.accuracy,
         "steps": recorder.curves.steps,
         "rewards": recorder.curves.rewards,
-        "judge_counts": dict(getattr(reward, "counts", {})),
+        "judge_counts": dict(reward.counts) if check is not None else {},
         "wall_s": time.perf_counter() - start,
         "commit": code_version(),
     }
@@ -477,11 +480,17 @@ def plot_reward() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, ((seed, mode), r) in enumerate(sorted(latest("judge_reward").items())):
-        ax.plot(r["eval_steps"], r["accuracy"], marker="o", color=f"C{i}", label=f"{mode}, seed {seed}")
+        check = r["judge_check"]
+        pays = "" if check is None else f"; pays right {check['right_paid']:.2f}, wrong {check['wrong_paid']:.2f}"
+        style = dict(color="k", linestyle="--") if mode == "gold" else dict(color=f"C{i}")
+        ax.plot(r["eval_steps"], r["accuracy"], marker="o", **style, label=f"{mode}, seed {seed}{pays}")
     ax.set(
-        xlabel="GRPO step", ylabel="held-out accuracy (T = 1)", ylim=(0, 1), title="policy paid by the trained judge"
+        xlabel="GRPO step",
+        ylabel="held-out accuracy (T = 1)",
+        ylim=(0, 1),
+        title="tiny policy on the colour question, paid by the trained judge",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
