@@ -44,10 +44,13 @@ only by the judge (no gold-answer reward), ``REWARD_STEPS`` steps; ``--mode``:
 - ``pairwise_swap``: the same in both positions, paid only when preferred in both: for two equal answers
   that asks a position-consistent judge for opposite verdicts on the same content;
 - ``pointwise``: ``POINT_PROMPT`` (one answer, "1" right / "0" wrong), with the stage-3 judge taught that
-  prompt by ``POINT_STEPS`` more SFT steps on ``ColourAnswers``;
+  prompt by ``POINT_STEPS`` more SFT steps on ``ColourAnswers`` (clean answers only);
+- ``pointwise_malformed``: the same, taught on ``ColourAnswers(malformed=True)``: half of its candidates
+  broken the ways the policy broke them under the ``pointwise`` judge (a repeated colour, an unclosed box,
+  junk, two colours), all scored 0;
 - ``gold``: the control, paid by the gold answer (``AccuracyReward``).
 
-Before training, each judge's pay of a boxed right and a boxed wrong answer on 128 held-out questions is
+Before training, each judge's mean pay of right, wrong and malformed answers on 256 held-out questions is
 recorded (``judge_check``); the policy's held-out accuracy (exact match with the gold answer, sampled at
 T = 1) against the step goes to ``docs/judge_reward_grpo.png``.
 
@@ -65,6 +68,7 @@ import json
 import math
 import random
 import shutil
+import string
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,7 +192,8 @@ def chain(seed: int) -> dict[str, Any]:
     """Cold start -> rejection sampling -> GRPO for one seed, evaluated after each stage."""
     out = CACHE / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "pointwise", ignore_errors=True)  # taught from this seed's judge: retrain it
+    for taught in ("pointwise", "pointwise_malformed"):  # taught from this seed's judge: retrain them
+        shutil.rmtree(out / taught, ignore_errors=True)
     wall: dict[str, float] = {}
     start = time.perf_counter()
     cold = sft(resolve_model_path("tiny:qwen2_5_vl"), ColourPairs("train", COLD_PAIRS), COLD_STEPS, seed, out / "cold")
@@ -244,23 +249,27 @@ POINT_PROMPT = (
 )
 POINT_STEPS = 150  # SFT steps that teach the trained judge the pointwise prompt
 REWARD_STEPS, REWARD_EVERY = 32, 8
-MODES = ["pointwise", "pairwise", "pairwise_swap", "gold"]
+MODES = ["pointwise", "pointwise_malformed", "pairwise", "pairwise_swap", "gold"]
 
 
 class ColourAnswers(Synthetic):
     """Colour questions with one candidate answer each as pointwise judging prompts (``POINT_PROMPT``).
 
-    The candidate is the right colour or a wrong one, written plainly or boxed, each at random; ``answer``
-    is ``1`` (right) or ``0``, ``response`` the templated judgement
-    ``<think>Answer blue. The shape is red.</think>\\n<answer>0</answer>``, ``candidate`` the candidate.
+    The candidate is the right colour or a wrong one, written plainly or boxed, each at random; with
+    ``malformed``, half of the candidates are instead broken the ways a policy paid by a judge breaks them
+    (``malformed_answer``), judged ``Answer unclear.`` and 0. ``answer`` is ``1`` (right) or ``0``,
+    ``response`` the templated judgement ``<think>Answer blue. The shape is red.</think>\\n<answer>0</answer>``,
+    ``candidate`` the candidate and ``kind`` one of ``right``, ``wrong``, ``malformed``.
 
     Args:
         split: Which split to draw.
         size: Number of rows.
+        malformed: Make half of the candidates malformed.
     """
 
-    def __init__(self, split: str, size: int) -> None:
+    def __init__(self, split: str, size: int, malformed: bool = False) -> None:
         super().__init__(split, size, kinds=["color"])
+        self.malformed = malformed
 
     def records(self) -> Iterator[Any]:
         for record in super().records():
@@ -269,20 +278,42 @@ class ColourAnswers(Synthetic):
             gold = row["answer"]
             said = gold if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != gold])
             shown = f"\\boxed{{{said}}}" if rng.random() < 0.5 else said
-            right = int(said == gold)
+            kind = "right" if said == gold else "wrong"
+            if self.malformed and rng.random() < 0.5:
+                shown, said, kind = malformed_answer(rng, said), "unclear", "malformed"
+            right = int(kind == "right")
             row["question"] = POINT_PROMPT.format(question=row["question"], response=shown)
             row["response"] = f"<think>Answer {said}. The shape is {gold}.</think>\n<answer>{right}</answer>"
-            row["answer"], row["candidate"] = str(right), shown
+            row["answer"], row["candidate"], row["kind"] = str(right), shown, kind
             yield record
 
 
-def pointwise_judge(judge_seed: int) -> Path:
+def malformed_answer(rng: random.Random, colour: str) -> str:
+    """A broken answer of the kinds the policy wrote when paid by the judge of clean answers only.
+
+    >>> malformed_answer(random.Random(0), "red")
+    '\\\\boxed{redredredred}'
+    """
+    junk = "".join(rng.choice(string.ascii_letters + string.digits + " {}") for _ in range(rng.randint(3, 10)))
+    other = rng.choice([c for c in COLOURS if c != colour])
+    forms = [
+        colour * rng.randint(2, 5),  # repeated
+        f"\\boxed{{{colour * rng.randint(2, 5)}}}",
+        f"\\boxed{{{colour}",  # not closed
+        f"\\boxed{{{junk}{colour}",  # junk before the colour
+        f"\\boxed{{{colour}{{{other}}}",  # two colours
+        f"\\boxed{{{junk}",  # no colour at all
+    ]
+    return rng.choice(forms)
+
+
+def pointwise_judge(judge_seed: int, malformed: bool) -> Path:
     """The trained judge of ``judge_seed`` after ``POINT_STEPS`` SFT steps on ``ColourAnswers`` (cached)."""
-    out = CACHE / f"seed{judge_seed}" / "pointwise"
+    out = CACHE / f"seed{judge_seed}" / ("pointwise_malformed" if malformed else "pointwise")
     if not (out / "config.json").exists():
         pl.seed_everything(judge_seed, workers=True, verbose=False)
         module = SFT(Policy(str(trained_judge(judge_seed)), dtype="float32"), optimizer=adamw(1e-3), max_length=256)
-        data = SFTDataModule(train=ColourAnswers("train", 2048), batch_size=32, seed=judge_seed)
+        data = SFTDataModule(train=ColourAnswers("train", 2048, malformed), batch_size=32, seed=judge_seed)
         trainer(POINT_STEPS, []).fit(module, datamodule=data)
         module.model.save_pretrained(out)
         module.processor.save_pretrained(out)
@@ -299,9 +330,9 @@ def trained_judge(judge_seed: int) -> Path:
 def judge_reward(judge_seed: int, mode: str) -> JudgeReward:
     """The trained judge as ``JudgeReward``: ``pairwise`` (the response against the gold answer, the response
     first), ``pairwise_swap`` (both positions) or ``pointwise`` (``POINT_PROMPT``, score 1 or 0)."""
-    if mode == "pointwise":
+    if mode.startswith("pointwise"):
         return JudgeReward(
-            HFReasoner(str(pointwise_judge(judge_seed)), dtype="float32"),
+            HFReasoner(str(pointwise_judge(judge_seed, malformed=mode == "pointwise_malformed")), dtype="float32"),
             mode="pointwise",
             prompt=POINT_PROMPT,
             score_pattern=r"[01]",
@@ -319,24 +350,22 @@ def judge_reward(judge_seed: int, mode: str) -> JudgeReward:
     )
 
 
-def reward_check(reward: JudgeReward, size: int = 128) -> dict[str, float]:
-    """What the judge pays a boxed right answer and a boxed wrong one on held-out colour questions (mean
-    reward; an unreadable verdict counts 0), before any policy training."""
-    rows = [r.value for r in ColourAnswers("test", size).records()]
-    said = [row["response"].removeprefix("<think>Answer ").split(".")[0] for row in rows]
-    gold = [row["response"].split("The shape is ")[1].split(".")[0] for row in rows]
+def reward_check(reward: JudgeReward, size: int = 256) -> dict[str, float]:
+    """What the judge pays right, wrong and malformed answers (``ColourAnswers`` of the test split, mean reward;
+    an unreadable verdict counts 0), before any policy training."""
+    rows = [r.value for r in ColourAnswers("test", size, malformed=True).records()]
     scores = reward(
-        [f"\\boxed{{{s}}}" for s in said],
-        answers=gold,
+        [row["candidate"] for row in rows],
+        answers=[row["response"].split("The shape is ")[1].split(".")[0] for row in rows],
         choices=[None] * size,
         finish_reasons=["stop"] * size,
         questions=["What colour is the shape?"] * size,
         images=[row["images"] for row in rows],
     )
-    paid = {True: [], False: []}
-    for s, g, score in zip(said, gold, scores, strict=True):
-        paid[s == g].append(0.0 if math.isnan(score) else score)
-    return {"right_paid": sum(paid[True]) / len(paid[True]), "wrong_paid": sum(paid[False]) / len(paid[False])}
+    paid: dict[str, list[float]] = {"right": [], "wrong": [], "malformed": []}
+    for row, score in zip(rows, scores, strict=True):
+        paid[row["kind"]].append(0.0 if math.isnan(score) else score)
+    return {f"{kind}_paid": sum(values) / len(values) for kind, values in paid.items()}
 
 
 def judge_reward_run(seed: int, judge_seed: int, mode: str) -> dict[str, Any]:
@@ -434,11 +463,12 @@ def report() -> str:
     for r in runs:
         lines.append(f"\nseed {r['seed']}: rejection sampling {r['rejection']}; wall s {r['wall_s']}")
     for (seed, mode), r in sorted(latest("judge_reward").items()):
-        check = r["judge_check"] or {"right_paid": 1.0, "wrong_paid": 0.0}
+        check = r["judge_check"] or {"right_paid": 1.0, "wrong_paid": 0.0, "malformed_paid": 0.0}
         lines.append(
             f"\njudge reward ({mode}, seed {seed}): policy accuracy {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} "
-            f"over {r['steps'][-1] if r['steps'] else 0} steps; judge pays a right / wrong boxed answer "
-            f"{check['right_paid']:.3f} / {check['wrong_paid']:.3f}; judge counts {r['judge_counts']}"
+            f"over {r['steps'][-1] if r['steps'] else 0} steps; judge pays right / wrong / malformed answers "
+            f"{check['right_paid']:.3f} / {check['wrong_paid']:.3f} / {check.get('malformed_paid', float('nan')):.3f}; "
+            f"judge counts {r['judge_counts']}"
         )
     return "\n".join(lines)
 
@@ -454,9 +484,13 @@ def plot_chain() -> Path:
     x = range(len(STAGES))
     for i, ((seed, _), r) in enumerate(sorted(runs.items())):
         colour = f"C{i}"
-        for key, style in (("accuracy", "-"), ("accuracy_one_order", ":"), ("position_consistency", "--")):
+        for key, style, name in (
+            ("accuracy", "-", "both orders"),
+            ("accuracy_one_order", ":", "one order"),
+            ("position_consistency", "--", "consistency"),
+        ):
             left.plot(
-                x, [r["stages"][s][key] for s in STAGES], style, marker="o", color=colour, label=f"seed {seed} {key}"
+                x, [r["stages"][s][key] for s in STAGES], style, marker="o", color=colour, label=f"seed {seed} {name}"
             )
         c = r["grpo_curve"]
         right.plot(c["steps"], c["rewards"], color=colour, alpha=0.6, label=f"seed {seed} reward/mean")
@@ -483,7 +517,12 @@ def plot_reward() -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, ((seed, mode), r) in enumerate(sorted(latest("judge_reward").items())):
         check = r["judge_check"]
-        pays = "" if check is None else f"; pays right {check['right_paid']:.2f}, wrong {check['wrong_paid']:.2f}"
+        pays = (
+            ""
+            if check is None
+            else " pays right/wrong/malformed "
+            + "/".join(f"{check.get(f'{kind}_paid', float('nan')):.2f}" for kind in ("right", "wrong", "malformed"))
+        )
         style = dict(color="k", linestyle="--") if mode == "gold" else dict(color=f"C{i}")
         ax.plot(r["eval_steps"], r["accuracy"], marker="o", **style, label=f"{mode}, seed {seed}{pays}")
     ax.set(
