@@ -514,7 +514,7 @@ def plot_reward() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for i, ((seed, mode), r) in enumerate(sorted(latest("judge_reward").items())):
         check = r["judge_check"]
         pays = (
@@ -532,7 +532,7 @@ def plot_reward() -> Path:
         title="tiny policy on the colour question, paid by the trained judge",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     path = DOCS / "judge_reward_grpo.png"
     fig.savefig(path, dpi=110)
