@@ -16,7 +16,7 @@ before ``</answer>`` (format rate 0, nothing for rejection sampling to keep); an
 colour, 300 SFT steps (2048 pairs, lr 1e-3, batch 32) named the colour right (100%) and copied Answer 1
 right (100%) but wrote the seen colour as Answer 2 and "Answer 1 ...: no" every time (both-orders accuracy
 0, position consistency 0): it never learnt to compare. With the answers copied first and the verdict a
-look-up of the seen colour among them, the same SFT reaches 18% both orders at 150 steps and 100% at 300.
+look-up of the seen colour among them, the same SFT reaches 18% both orders at 150 steps and 100% at 300 (two rounds of 150).
 
 Each candidate is written plainly ("red") or boxed ("\\boxed{red}") at random, so the judge also reads a
 policy's boxed answers (``--stage reward`` below). Per seed, the paper's chain:
@@ -54,10 +54,21 @@ Before training, each judge's mean pay of right, wrong and malformed answers on 
 recorded (``judge_check``); the policy's held-out accuracy (exact match with the gold answer, sampled at
 T = 1) against the step goes to ``docs/judge_reward_grpo.png``.
 
+Measured (``--report``; two seeds, about 5 minutes a chain): both-orders accuracy 0.93 / 0.72 after the cold
+start, 1.00 / 0.98 after rejection sampling (437 / 362 of 512 pairs kept), 1.00 / 0.99 after GRPO. GRPO adds
+nothing measurable: its pairs are the ones the cold-start judge got wrong, but the stage-2 judge already
+judges them right, so almost every group's rewards are all 2.0 (zero advantages). As rewards (policy seeds
+0 / 1, 32 steps, held-out accuracy from 0.37 / 0.43): gold 0.75 / 0.77; ``pointwise_malformed`` 0.53 / 0.54;
+``pointwise`` 0.14 and ``pairwise`` 0.05 (seed 0): the policy learns to write the right colour in broken
+answers ("\\boxed{redredred", junk), which those judges pay (0.33 and 0.40 of malformed answers) and the
+grader does not; ``pairwise_swap`` 0.004: it pays no right answer (0.00: two equal candidates) and 0.06 of
+malformed ones, so only broken answers are paid.
+
 Run from the repository root::
 
     nice -n 15 python -m benchmarks.judge_learning --seed 0 1
-    nice -n 15 python -m benchmarks.judge_learning --stage reward --seed 0 --judge-seed 0 --mode pointwise pairwise gold
+    nice -n 15 python -m benchmarks.judge_learning --stage reward --seed 0 --judge-seed 0
+    nice -n 15 python -m benchmarks.judge_learning --stage reward --seed 1 --judge-seed 0 --mode pointwise_malformed gold
     python -m benchmarks.judge_learning --report
 """
 
