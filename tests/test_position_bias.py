@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def evaluate(path: Path, order_swap: bool) -> dict[str, float]:
     data = RLDataModule(
         test=PreferencePairs(SyntheticPairs("test", 8, tasks=["understanding"])), batch_size=2, eval_batch_size=8
     )
-    trainer = quiet_trainer(max_steps=1)
+    trainer = quiet_trainer(max_steps=1, default_root_dir=path / f"eval_swap{int(order_swap)}")
     trainer.test(model, data, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -154,6 +155,11 @@ def test_test_stage_with_order_swap_scores_a_position_biased_judge_zero(biased_j
     assert both["test/accuracy_one_order"] == pytest.approx(first_wins)
     assert both["test/accuracy"] == 0.0 and both["test/accuracy/understanding"] == 0.0
     assert both["test/position_consistency"] == 0.0
+    # each pair's two judgements are in the predictions file, neither consistent
+    report = biased_judge / "eval_swap1" / "eval" / "test-step0" / "predictions.jsonl"
+    written = [json.loads(line) for line in report.open()]
+    assert len(written) == 8 and all(r["details"]["consistent"] is False for r in written)
+    assert all("Answer 1" in r["extracted"] and "Answer 1" in r["details"]["swapped_response"] for r in written)
 
 
 def test_judge_reward_with_order_swap_pays_nothing_for_a_position_verdict(biased_judge):

@@ -9,6 +9,7 @@ reasoner's accuracy, and therefore the reward, is known in advance.
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -288,13 +289,13 @@ def test_fit_trains_the_captioner_and_keeps_the_reasoner_out_of_the_checkpoint(t
     )
 
 
-def test_test_reports_accuracy_per_source_with_the_joint_check(monkeypatch):
+def test_test_reports_accuracy_per_source_with_the_joint_check(monkeypatch, tmp_path):
     """Evaluation: caption -> reasoner -> grade; the joint check adds the captioner's own greedy answer."""
     batch = rows_batch("test", 8)
     with ServerProcess(answer="red") as server:
         module = make_racro(http_reasoner(server), joint_check=True, kl_coef=0.0)
         data = RLDataModule(test=Synthetic("test", size=8), eval_batch_size=8, prompt_template=TEMPLATE)
-        trainer = quiet_trainer()
+        trainer = quiet_trainer(default_root_dir=tmp_path)
         trainer.test(module, datamodule=data)
         received = sorted(user_texts(server))
     metrics = trainer.callback_metrics
@@ -309,6 +310,11 @@ def test_test_reports_accuracy_per_source_with_the_joint_check(monkeypatch):
     prompts = module.caption_reward.build_prompts(captions, batch.questions, batch.choices, tentative)
     assert received == sorted(p[-1]["content"] for p in prompts)
     assert all("### A tentative answer by a model that saw the image" in text for text in received)
+    # the predictions file: the reasoner's answer as the response, the caption and the tentative answer beside it
+    written = {r["id"]: r for r in map(json.loads, (tmp_path / "eval" / "test-step0" / "predictions.jsonl").open())}
+    for i, row_id in enumerate(batch.ids):
+        assert written[row_id]["response"] == SERVED_ANSWER.format("red")
+        assert written[row_id]["details"] == {"caption": captions[i], "tentative": tentative[i]}
 
 
 # ----------------------------------------------------------------------------------- CLI
