@@ -165,3 +165,18 @@ def test_engine_encodes_each_prompt_once_and_trainer_reproduces_logprobs(family)
         plain = collate(group, engine.pad_id, gen.response_ids, gen.response_mask)
         recomputed = _logprobs(model, plain, gen.response_ids, gen.response_mask)
     assert (recomputed - gen.logprobs).abs().max().item() < 1e-4, name
+
+
+def test_text_only_rows_mixed_into_an_image_batch(family):
+    """A VLM batch may hold rows without images: they pass through, and every row's log-probs are unchanged."""
+    _, model, processor, single, double = family
+    text_only = _prompt(processor, "What is two plus two?", [])
+    prompts = [single, text_only, double, text_only]
+    ids = processor.tokenizer("the red square", add_special_tokens=False)["input_ids"][:3]
+    responses = torch.tensor([ids] * 4)  # [4, 3]
+    mask = torch.ones_like(responses, dtype=torch.float)  # [4, 3]
+    batch = collate(prompts, processor.tokenizer.pad_token_id, responses, mask)
+    with torch.no_grad():
+        plain = _logprobs(model, batch, responses, mask)
+        shared = _logprobs(model, with_shared_vision(model, prompts, batch), responses, mask)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)

@@ -142,7 +142,8 @@ def with_shared_vision(
     """
     if PIXELS not in batch or any(k in batch for k in VIDEO_KEYS) or not supports_shared_vision(model):
         return batch
-    unique, index = distinct_prompts(prompts)
+    # text-only rows (a VLM batch may mix them in) have no images: they add no features and keep their tokens
+    unique, index = distinct_prompts([p for p in prompts if PIXELS in p.media_inputs])
     pixels = batch[PIXELS]
     features = image_features(model, unique, pixels.device, pixels.dtype)
     per_row = tuple(f for i in index for f in features[i])  # the images of every row, in row order
