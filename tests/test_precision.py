@@ -24,7 +24,7 @@ INFERENCE_ONLY = {"unified_reward_think/rejection_sampling.yaml"}  # predict: no
 REAL = sorted(
     str(p.relative_to(CONFIGS))
     for p in CONFIGS.rglob("*.yaml")
-    if p.parent.name not in ("demo", "trainer", "rollout") and "demo/" not in str(p.relative_to(CONFIGS))
+    if p.parent.name not in ("demo", "trainer", "rollout", "eval") and "demo/" not in str(p.relative_to(CONFIGS))
 )
 
 
