@@ -119,7 +119,8 @@ def test_packed_equals_padded_per_token_and_in_every_gradient(loaded):
     if vlm:  # the trained vision tower gets its gradient too
         assert any(p.grad is not None for p in vision_modules(module.model)[0].parameters())
     for n, g in packed_grads.items():
-        torch.testing.assert_close(g, padded_grads[n], rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {n}")
+        scale = max(1.0, padded_grads[n].abs().max().item())  # sums over many tokens (embeddings): rounding grows
+        torch.testing.assert_close(g, padded_grads[n], rtol=1e-4, atol=1e-6 * scale, msg=f"{name}: gradient of {n}")
     module.model.zero_grad()
 
 

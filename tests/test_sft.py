@@ -12,8 +12,9 @@ from PIL import Image
 
 from vlrl.data import DataError, Files, SFTDataModule, Synthetic, make_rows
 from vlrl.methods import SFT
-from vlrl.methods.sft import MicroBatch, encode_conversation, mrope_index, pack, packed_row, padded_batch
+from vlrl.methods.sft import MicroBatch, encode_conversation, pack, packed_row, padded_batch
 from vlrl.models import LoRA, Policy
+from vlrl.models.packing import mrope_index
 from vlrl.models.tiny import build_tokenizer
 from vlrl.rewards import is_correct
 

@@ -241,7 +241,7 @@ class Benchmark(Source):
 
     Args:
         path: the release (file or folder), Parquet files, a ``save_to_disk`` folder or a Hub id.
-        split: the split of a Hugging Face dataset.
+        split: the split of a Hugging Face dataset (default: the class's ``default_split``, the one papers report).
         prompt: ``benchmark`` (the benchmark's own prompt as a chat) or ``question`` (raw question and
             choices, for the datamodule's ``prompt_template``).
         image_dir: folder that relative image paths are resolved against (default: tried in the data
@@ -251,12 +251,13 @@ class Benchmark(Source):
     """
 
     benchmark: ClassVar[str]
+    default_split: ClassVar[str]
     image_roots: ClassVar[tuple[str, ...]] = (".",)
 
     def __init__(
         self,
         path: str | list[str],
-        split: str,
+        split: str | None = None,
         prompt: PromptMode = "benchmark",
         image_dir: str | None = None,
         data_source: str | None = None,
@@ -269,7 +270,7 @@ class Benchmark(Source):
             )
         super().__init__(data_source=data_source, limit=limit)
         self.path = path
-        self.split = split
+        self.split = split or self.default_split
         self.prompt = prompt
         self.image_dir = Path(image_dir).expanduser() if image_dir is not None else None
 
@@ -420,17 +421,7 @@ class MathVista(Benchmark):
     """
 
     benchmark = "mathvista"
-
-    def __init__(
-        self,
-        path: str | list[str],
-        split: str = "testmini",
-        prompt: PromptMode = "benchmark",
-        image_dir: str | None = None,
-        data_source: str | None = None,
-        limit: int | None = None,
-    ) -> None:
-        super().__init__(path, split, prompt, image_dir, data_source, limit)
+    default_split = "testmini"
 
     def release_files(self) -> list[str]:
         return [f"{self.split}.json", f"data/{self.split}.json"]
@@ -503,17 +494,7 @@ class MathVision(Benchmark):
 
     benchmark = "mathvision"
     image_roots = (".", "..")
-
-    def __init__(
-        self,
-        path: str | list[str],
-        split: str = "test",
-        prompt: PromptMode = "benchmark",
-        image_dir: str | None = None,
-        data_source: str | None = None,
-        limit: int | None = None,
-    ) -> None:
-        super().__init__(path, split, prompt, image_dir, data_source, limit)
+    default_split = "test"
 
     def release_files(self) -> list[str]:
         return [f"{self.split}.jsonl", f"data/{self.split}.jsonl"]
@@ -576,12 +557,13 @@ class MathVerse(Benchmark):
     """
 
     benchmark = "mathverse"
+    default_split = "testmini"
     image_roots = (".", "images")
 
     def __init__(
         self,
         path: str | list[str],
-        split: str = "testmini",
+        split: str | None = None,
         versions: list[str] | None = None,
         query: Literal["cot", "wo"] = "cot",
         prompt: PromptMode = "benchmark",
@@ -670,17 +652,7 @@ class WeMath(Benchmark):
     """
 
     benchmark = "wemath"
-
-    def __init__(
-        self,
-        path: str | list[str],
-        split: str = "testmini",
-        prompt: PromptMode = "benchmark",
-        image_dir: str | None = None,
-        data_source: str | None = None,
-        limit: int | None = None,
-    ) -> None:
-        super().__init__(path, split, prompt, image_dir, data_source, limit)
+    default_split = "testmini"
 
     def release_files(self) -> list[str]:
         return [f"{self.split}.json", f"data/{self.split}.json"]
@@ -757,11 +729,12 @@ class MMMU(Benchmark):
     """
 
     benchmark = "mmmu"
+    default_split = "validation"
 
     def __init__(
         self,
         path: str | list[str],
-        split: str = "validation",
+        split: str | None = None,
         subjects: list[str] | None = None,
         prompt: PromptMode = "benchmark",
         data_source: str | None = None,
@@ -870,17 +843,7 @@ class DynaMath(Benchmark):
     """
 
     benchmark = "dynamath"
-
-    def __init__(
-        self,
-        path: str | list[str],
-        split: str = "sample_variant1",
-        prompt: PromptMode = "benchmark",
-        image_dir: str | None = None,
-        data_source: str | None = None,
-        limit: int | None = None,
-    ) -> None:
-        super().__init__(path, split, prompt, image_dir, data_source, limit)
+    default_split = "sample_variant1"
 
     def release_files(self) -> list[str]:
         return ["dataset.json", "dataset/dataset.json"]
@@ -939,17 +902,7 @@ class LogicVista(Benchmark):
     """
 
     benchmark = "logicvista"
-
-    def __init__(
-        self,
-        path: str | list[str],
-        split: str = "test",
-        prompt: PromptMode = "benchmark",
-        image_dir: str | None = None,
-        data_source: str | None = None,
-        limit: int | None = None,
-    ) -> None:
-        super().__init__(path, split, prompt, image_dir, data_source, limit)
+    default_split = "test"
 
     def release_files(self) -> list[str]:
         return ["dataset.json", "data/dataset.json"]

@@ -41,7 +41,8 @@ from vlrl.methods.core import PolicyModule
 from vlrl.methods.plan import UpdatePlan, plan_update
 from vlrl.models.inputs import encode_prompt
 from vlrl.models.loading import Policy
-from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, response_lengths
+from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, prompt_once_logits, response_lengths
+from vlrl.models.sharding import is_fsdp1
 from vlrl.models.vision import with_shared_vision
 from vlrl.rewards import RewardFunction, score
 from vlrl.rewards.runner import FailureStreaks
@@ -85,6 +86,13 @@ class RLMethod(PolicyModule):
             responses differ (long-tailed responses, mixed image counts), above all on GPU with
             flash-attention, and with ``max_tokens_per_micro_batch`` (a budget of real tokens). On CPU
             with sdpa the mask is dense ``L x L``, so packing many samples costs more than it saves.
+        prompt_once: Padded training forwards run each distinct prompt once (with its images) and only
+            the responses once per sample, reading a copy of the prompt's key/value cache
+            (``vlrl.models.packing.prompt_once_logits``): the same log-probs and gradients, without
+            ``G - 1`` of every group's prompt forwards (most of a VLM sample's tokens are its prompt's).
+            Used where a prompt repeats in a micro-batch; the policy's pass under autograd with
+            ``gradient_checkpointing`` (transformers drops the cache there), FSDP1 and ``packing`` run
+            one full row per sample instead.
         epochs: Passes over each rollout.
         optimizer: Optimizer factory for the trainable parameters.
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
@@ -128,6 +136,7 @@ class RLMethod(PolicyModule):
         evaluation: Evaluation | None = None,
         max_tokens_per_micro_batch: int | None = None,
         packing: bool = False,
+        prompt_once: bool = True,
     ) -> None:
         super().__init__(
             policy=policy,
@@ -164,6 +173,7 @@ class RLMethod(PolicyModule):
             )
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.packing = packing
+        self.prompt_once = prompt_once
         self._warned_over_budget = False
         self.epochs = epochs
         self.reward_time_budget_s = reward_time_budget_s
@@ -448,10 +458,13 @@ class RLMethod(PolicyModule):
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``), 0 after
         each response's last real token; from a padded or a packed forward (``packing``), equal either way."""
         batch = self.model_inputs(rollout, model=model)
-        inputs = with_shared_vision(model, rollout.prompts, batch.inputs)  # one tower pass per image
-        # logits of the response positions only: none (and no gradient) for the prompt's
-        output = model(**inputs, use_cache=False, logits_to_keep=batch.keep)
-        logits = batch.responses(output.logits)  # [n, T', V] padded, [1, M, V] packed
+        if self.runs_prompts_once(model, batch, rollout.prompts):
+            logits = prompt_once_logits(model, batch, rollout.prompts, self.pad_id, mrope_index(model))  # [n, T', V]
+        else:
+            inputs = with_shared_vision(model, rollout.prompts, batch.inputs)  # one tower pass per image
+            # logits of the response positions only: none (and no gradient) for the prompt's
+            output = model(**inputs, use_cache=False, logits_to_keep=batch.keep)
+            logits = batch.responses(output.logits)  # [n, T', V] padded, [1, M, V] packed
         temperature = self.sampling.temperature or 1.0
         logprobs = batch.unpack(token_logprobs(logits, batch.targets, temperature))  # [n, T]
         entropy = None
@@ -459,6 +472,15 @@ class RLMethod(PolicyModule):
             with torch.enable_grad() if self.entropy_needs_grad else torch.no_grad():
                 entropy = batch.unpack(entropy_from_logits(logits, temperature))  # [n, T]
         return logprobs, entropy
+
+    def runs_prompts_once(self, model: torch.nn.Module, batch: ResponseBatch, prompts: list) -> bool:
+        """Whether ``policy_logprobs`` runs each distinct prompt of ``batch`` once (``prompt_once``)."""
+        if not self.prompt_once or batch.is_packed or len({id(p) for p in prompts}) == len(prompts):
+            return False
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        if torch.is_grad_enabled() and model.training and checkpointed:
+            return False  # transformers runs checkpointed layers without a cache
+        return not is_fsdp1(model)
 
     def model_inputs(
         self, rollout: Rollout, dtype: torch.dtype | None = None, model: torch.nn.Module | None = None

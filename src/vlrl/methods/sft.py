@@ -36,13 +36,11 @@ Run: ``lightning-cli fit --config configs/demo/ovr_cold_start.yaml`` (tiny model
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from peft import PeftModel
 from PIL import Image
 
 from vlrl.algorithms import aggregate_loss, token_logprobs
@@ -51,6 +49,7 @@ from vlrl.evaluation import Evaluation
 from vlrl.methods.core import PolicyModule
 from vlrl.models.inputs import collate, encode_prompt, extend_prompt, to_device
 from vlrl.models.loading import Policy, tokenizer_of
+from vlrl.models.packing import Rope, mrope_index, pack_sequences
 from vlrl.rollout import RolloutEngine, Sampling
 from vlrl.types import EncodedPrompt, PromptBatch
 
@@ -166,32 +165,9 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def mrope_index(model: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
-    """The multimodal RoPE position function of a Qwen-VL-style model; None for 1-D positions.
-
-    Transformers has no common attribute that tells 1-D from multimodal RoPE; the model families
-    with the latter define ``get_rope_index`` on their inner model, so that is what is looked up.
-    """
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return getattr(getattr(base, "model", None), "get_rope_index", None)
-
-
-def packed_row(samples: list[SFTSample], rope: Callable | None) -> MicroBatch:
+def packed_row(samples: list[SFTSample], rope: Rope | None) -> MicroBatch:
     """Samples concatenated into one row ``[1, L]`` whose attention stays inside each sample."""
-    full = [extend_prompt(s.prompt, s.target_ids) for s in samples]
-    keys = [k for k in full[0].token_inputs if k != "attention_mask"]
-    inputs = {k: torch.cat([f.token_inputs[k] for f in full], dim=1) for k in keys}  # [1, L]
-    positions = []
-    for f in full:
-        text = torch.arange(f.length).view(1, -1)  # [1, L_i], restarting at every sample
-        if rope is None:
-            positions.append(text)
-        else:
-            spatial, _ = rope(**f.token_inputs, **f.media_inputs)  # [3, 1, L_i]
-            positions.append(torch.cat([text.view(1, 1, -1), spatial]))  # [4, 1, L_i]
-    inputs["position_ids"] = torch.cat(positions, dim=-1)  # [1, L] or [4, 1, L]
-    for key in sorted({k for f in full for k in f.media_inputs}):
-        inputs[key] = torch.cat([f.media_inputs[key] for f in full if key in f.media_inputs])
+    inputs = pack_sequences([extend_prompt(s.prompt, s.target_ids) for s in samples], rope)  # [1, L]
     zeros = [torch.zeros(s.prompt.length) for s in samples]
     trained = torch.cat([t for z, s in zip(zeros, samples, strict=True) for t in (z, s.loss_mask)])  # [L]
     weights = torch.cat([t for z, s in zip(zeros, samples, strict=True) for t in (z, s.loss_mask * s.weight)])  # [L]

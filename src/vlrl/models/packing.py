@@ -28,6 +28,16 @@ give the same outputs:
 ``ResponseBatch.responses`` picks the outputs that predict the response tokens from either layout and
 ``unpack`` returns them as ``[n, T]`` (0 after each response's last real token), so callers do not
 depend on the layout. ``budget_slices`` cuts a batch into micro-batches by a token budget.
+
+A padded batch can also run each distinct prompt once (``prompt_once_logits``): the ``G`` samples of a
+group share a prompt, so its forward (with the images) runs on one row, its key/value cache is copied
+to the ``G`` rows, and only the responses run on ``G`` rows::
+
+      prompt pass   [pad p p p p]            one row per distinct prompt -> cache, logits of the last p
+      response pass [r r r EOS] x G          reads the copied cache; predicts response tokens 1..T'-1
+
+Under autograd the copies are indexing, so the gradient reaching the prompt pass is the sum over its
+samples, as it is when each sample runs its own prompt. Positions are those the padded batch has.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ from dataclasses import dataclass, replace
 import torch
 from peft import PeftModel
 
-from vlrl.models.inputs import collate, extend_prompt, to_device
+from vlrl.models.inputs import TOKEN_KEYS, collate, extend_prompt, to_device
+from vlrl.models.vision import PIXELS, with_shared_vision
 from vlrl.types import EncodedPrompt
 
 Rope = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -176,6 +187,84 @@ class ResponseBatch:
             return out.index_put((self.rows.to(values.device), self.cols.to(values.device)), values[0])
         values = torch.where(self.real, values, torch.zeros_like(values))  # [n, T']: 0 on the pads
         return torch.cat([values, out[:, values.shape[1] :]], dim=1)  # [n, T]
+
+
+def prompt_groups(prompts: list[EncodedPrompt]) -> tuple[list[int], list[int]]:
+    """The first row of each distinct prompt (the same object, as the samples of a group hold) and, for
+    every row, the index of its prompt among them.
+
+    Example:
+        Rows ``[a, a, b, a]`` give ``[0, 2]`` and ``[0, 0, 1, 0]``.
+    """
+    first: dict[int, int] = {}
+    rows: list[int] = []
+    index = []
+    for i, p in enumerate(prompts):
+        if id(p) not in first:
+            first[id(p)] = len(rows)
+            rows.append(i)
+        index.append(first[id(p)])
+    return rows, index
+
+
+def padded_positions(batch: ResponseBatch, rope: Rope | None) -> torch.Tensor:
+    """Position ids of a padded batch as the model computes them without any: ``[3, n, L]`` from ``rope``
+    for multimodal RoPE with images, else ``[n, L]`` counting from the first (padded) column."""
+    inputs = batch.inputs
+    ids = inputs["input_ids"]  # [n, L]
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
+    if rope is not None and grids:
+        tokens = {k: inputs[k] for k in TOKEN_KEYS if k in inputs and k != "input_ids"}
+        positions, _ = rope(ids, **tokens, **grids)  # [3, n, L]
+        return positions
+    return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # [n, L]
+
+
+def prompt_once_logits(
+    model: torch.nn.Module,
+    batch: ResponseBatch,
+    prompts: list[EncodedPrompt],
+    pad_id: int,
+    rope: Rope | None,
+) -> torch.Tensor:
+    """The logits ``[n, T', V]`` at the positions predicting the response tokens of the padded ``batch``
+    (what ``batch.responses(model(**batch.inputs).logits)`` gives), with each distinct prompt run once.
+
+    The prompt pass runs the distinct prompts (left-padded to the batch's prompt width, their images
+    through the vision tower once) and keeps their key/value cache; its last position predicts the
+    first response token. The cache rows are copied to the samples, and the response pass runs the
+    responses but their last token, reading it. Positions are the padded batch's own
+    (``padded_positions``), split at the prompt width, so both passes see what one padded pass sees.
+    """
+    device = batch.inputs["input_ids"].device
+    rows, index = prompt_groups(prompts)
+    full_mask = batch.inputs["attention_mask"]  # [n, P + T']
+    width = full_mask.shape[1] - batch.width  # P
+    positions = padded_positions(batch, rope)  # [3, n, P + T'] or [n, P + T']
+    first = torch.tensor(rows, device=device)  # [B]
+    pixels = batch.inputs.get(PIXELS)
+    dtype = pixels.dtype if pixels is not None else None  # the media dtype ``ResponseBatch.to`` gave
+    head = to_device(collate([prompts[i] for i in rows], pad_id), device, dtype)  # [B, P]
+    if head["input_ids"].shape[1] != width:
+        raise RuntimeError(f"the distinct prompts are {head['input_ids'].shape[1]} tokens wide, the batch's {width}")
+    head = with_shared_vision(model, [prompts[i] for i in rows], head)
+    head["position_ids"] = positions.index_select(-2, first)[..., :width]  # [3, B, P] or [B, P]
+    out = model(**head, use_cache=True, logits_to_keep=1)
+    samples = torch.tensor(index, device=device)  # [n]
+    logits = out.logits[samples]  # [n, 1, V]: predicts each response's first token
+    if batch.width == 1:
+        return logits
+    cache = out.cache
+    cache.batch_select_indices(samples)  # the prompt's keys/values on each of its samples' rows
+    responses = batch.inputs["input_ids"][:, width:-1]  # [n, T' - 1]: the last token predicts nothing kept
+    rest = model(
+        input_ids=responses,
+        attention_mask=full_mask[:, :-1],  # [n, P + T' - 1]
+        position_ids=positions[..., width:-1],  # [3, n, T' - 1] or [n, T' - 1]
+        cache=cache,
+        use_cache=True,
+    )
+    return torch.cat([logits, rest.logits], dim=1)  # [n, T', V]
 
 
 def budget_slices(

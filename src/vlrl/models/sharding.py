@@ -161,15 +161,20 @@ def shard_model(
     return model
 
 
+def is_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP1 (``FullyShardedDataParallel``) units."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def needs_synced_generation(model: torch.nn.Module) -> bool:
     """Whether ``generate`` must keep ranks in step (``synced_gpus``): under FSDP1 every forward all-gathers
     each unit, so a rank that finished decoding must go on running forwards until all have."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_world_size() == 1:
         return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    return is_fsdp1(model)
 
 
 def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
