@@ -23,8 +23,9 @@ machine affects both alike:
 Besides time, every run counts the work of a step with forward hooks on the model (the same hooks on
 both trainers): vision-tower calls and the images they encode, the positions the language model sees
 during the rollout's prefill (every position of the first pass of each ``generate`` call and of any
-pass over more than one token before it), and the padded fraction of the positions of the training
-forwards (log-probs and the update; a packed forward has none). ``--packed`` adds vlrl with
+pass over more than one token before it), and the positions of the training forwards (log-probs and
+the update; vlrl runs a group's prompt once, ``prompt_once``) with their padded fraction (a packed
+forward has none). ``--packed`` adds vlrl with
 padding-free (packed) training forwards (``packing``; ``--max-tokens-per-micro-batch`` cuts them by
 a token budget), so the padded fraction shows before and after packing. ``--baseline REF`` adds vlrl
 as it was at the git revision ``REF`` (its ``src`` exported into a temporary folder and put first on
@@ -182,8 +183,8 @@ class WorkCounter:
             return
         mask = kwargs.get("attention_mask")
         self.train_tokens += rows * length
-        if mask is not None and mask.dim() == 2:
-            self.train_padded += rows * length - int(mask.sum())
+        if mask is not None and mask.dim() == 2:  # a pass reading a cache has a mask over cache + its positions
+            self.train_padded += rows * length - int(mask[:, -length:].sum())
 
     def per_step(self, steps: int) -> dict[str, float]:
         return {
@@ -191,6 +192,7 @@ class WorkCounter:
             "images_encoded": self.images / steps,
             "prefill_tokens": self.prefill_tokens / steps,
             "padded_frac": self.train_padded / max(self.train_tokens, 1),
+            "train_tokens": self.train_tokens / steps,
         }
 
 
@@ -469,7 +471,7 @@ def print_grid(summaries: list[dict[str, Any]], baseline: str | None) -> None:
     """One table over the grid: per vocabulary, G and trainer, the time and the work of a step."""
     names = {"vlrl": "vlrl", "packed": "vlrl packed", "baseline": f"vlrl@{baseline}", "trl": "TRL"}
     head = f"{'vocab':<6} {'G':>2} {'trainer':<16} {'s/step':>7} {'TRL/it':>7} {'vision calls':>12} "
-    print("\n" + head + f"{'images':>7} {'prefill tok':>11} {'padded':>7}")
+    print("\n" + head + f"{'images':>7} {'prefill tok':>11} {'train tok':>9} {'padded':>7}")
     for summary in summaries:
         trl = summary["trainers"].get("trl", {}).get("median_s_per_step")
         for key, t in summary["trainers"].items():
@@ -478,9 +480,12 @@ def print_grid(summaries: list[dict[str, Any]], baseline: str | None) -> None:
             print(
                 f"{summary['vocab']:<6} {summary['settings']['group_size']:>2} {names[key]:<16} "
                 f"{t['median_s_per_step']:>7.3f} {ratio:>7} {w['vision_calls']:>12.1f} {w['images_encoded']:>7.1f} "
-                f"{w['prefill_tokens']:>11.0f} {w['padded_frac']:>7.3f}"
+                f"{w['prefill_tokens']:>11.0f} {w.get('train_tokens', float('nan')):>9.0f} {w['padded_frac']:>7.3f}"
             )
-    print("(per step; TRL/it: TRL's s/step over the trainer's; padded: padded fraction of the training forwards)")
+    print(
+        "(per step; TRL/it: TRL's s/step over the trainer's; train tok: positions through the language model in the "
+        "training forwards; padded: their padded fraction)"
+    )
 
 
 def print_report(summary: dict[str, Any]) -> None:

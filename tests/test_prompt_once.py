@@ -1,7 +1,7 @@
 """Each distinct prompt once in the padded training forwards (``prompt_once``): the same log-probs, entropies
 and gradients as one full row per sample, on the tiny Qwen2.5-VL (3-D RoPE, one- and two-image rows), the
-text-only Qwen2 and LLaVA-OneVision (1-D positions, tiled images), with LoRA, and a whole GRPO step; fewer
-positions through the language model; the cases that run one row per sample."""
+text-only Qwen2 and LLaVA-OneVision (1-D positions, tiled images), with LoRA, under gradient checkpointing
+and in a whole GRPO step; fewer positions through the language model; the cases that run one row per sample."""
 
 from __future__ import annotations
 
@@ -125,15 +125,34 @@ def test_when_a_row_per_sample_runs_instead():
     module.prompt_once = False
     assert not module.runs_prompts_once(model, batch, rollout.prompts)
     module.prompt_once = True
+    module.model.zero_grad()
+
+
+def test_prompt_once_under_gradient_checkpointing_equals_a_row_per_sample():
+    """Checkpointed layers keep the prompt's cache (transformers drops a cache there): the policy's pass under
+    autograd, replayed in the backward pass, gives the gradient of a row per sample without checkpointing."""
+    module = make_module(micro_batch_size=8)
+    module.configure_model()
+    module.model.eval()
+    rollout = hand_rollout(module.processor, vlm=True)
+    full, _, full_grads = _run(module, rollout, prompt_once=False)
+    model = module.model
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    assert not module.runs_prompts_once(model, batch, rollout.prompts)  # transformers drops the cache there
-    with torch.no_grad():  # old and reference log-probs: no backward, the cache is kept
-        assert module.runs_prompts_once(model, batch, rollout.prompts)
-        once, _ = module.policy_logprobs(model, rollout)
-        module.prompt_once = False
-        full, _ = module.policy_logprobs(model, rollout)
+    model.train()  # the tiny models have no dropout: the same function, now checkpointed
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert module.runs_prompts_once(model, module.model_inputs(rollout), rollout.prompts)
+    counter = PositionCounter(model)
+    once, _, once_grads = _run(module, rollout, prompt_once=True)
+    counter.handle.remove()
+    width = module.model_inputs(rollout).inputs["input_ids"].shape[1] - 6
+    assert counter.positions == 3 * width + 7 * 5  # the hook sits outside the checkpoint: replays are not counted
     assert (once - full).abs().max().item() < 1e-5
+    assert once_grads.keys() == full_grads.keys()
+    for key, grad in once_grads.items():
+        scale = max(1.0, full_grads[key].abs().max().item())
+        torch.testing.assert_close(grad, full_grads[key], rtol=1e-4, atol=1e-6 * scale, msg=key)
+    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    assert layers and not any(m._can_checkpoint_with_cache for m in layers)  # the layers' own setting is back
 
 
 def test_prompt_groups_by_hand():

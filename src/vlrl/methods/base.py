@@ -90,9 +90,8 @@ class RLMethod(PolicyModule):
             the responses once per sample, reading a copy of the prompt's key/value cache
             (``vlrl.models.packing.prompt_once_logits``): the same log-probs and gradients, without
             ``G - 1`` of every group's prompt forwards (most of a VLM sample's tokens are its prompt's).
-            Used where a prompt repeats in a micro-batch; the policy's pass under autograd with
-            ``gradient_checkpointing`` (transformers drops the cache there), FSDP1 and ``packing`` run
-            one full row per sample instead.
+            Used where a prompt repeats in a micro-batch, with or without ``gradient_checkpointing``;
+            FSDP1 and ``packing`` run one full row per sample instead.
         epochs: Passes over each rollout.
         optimizer: Optimizer factory for the trainable parameters.
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
@@ -477,9 +476,6 @@ class RLMethod(PolicyModule):
         """Whether ``policy_logprobs`` runs each distinct prompt of ``batch`` once (``prompt_once``)."""
         if not self.prompt_once or batch.is_packed or len({id(p) for p in prompts}) == len(prompts):
             return False
-        checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-        if torch.is_grad_enabled() and model.training and checkpointed:
-            return False  # transformers runs checkpointed layers without a cache
         return not is_fsdp1(model)
 
     def model_inputs(

@@ -42,11 +42,14 @@ samples, as it is when each sample runs its own prompt. Positions are those the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 from peft import PeftModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlrl.models.inputs import TOKEN_KEYS, collate, extend_prompt, to_device
 from vlrl.models.vision import PIXELS, with_shared_vision
@@ -235,6 +238,7 @@ def prompt_once_logits(
     first response token. The cache rows are copied to the samples, and the response pass runs the
     responses but their last token, reading it. Positions are the padded batch's own
     (``padded_positions``), split at the prompt width, so both passes see what one padded pass sees.
+    Under gradient checkpointing the decoder layers keep these caches (``cache_through_checkpoints``).
     """
     device = batch.inputs["input_ids"].device
     rows, index = prompt_groups(prompts)
@@ -249,22 +253,65 @@ def prompt_once_logits(
         raise RuntimeError(f"the distinct prompts are {head['input_ids'].shape[1]} tokens wide, the batch's {width}")
     head = with_shared_vision(model, [prompts[i] for i in rows], head)
     head["position_ids"] = positions.index_select(-2, first)[..., :width]  # [3, B, P] or [B, P]
-    out = model(**head, use_cache=True, logits_to_keep=1)
     samples = torch.tensor(index, device=device)  # [n]
-    logits = out.logits[samples]  # [n, 1, V]: predicts each response's first token
-    if batch.width == 1:
-        return logits
-    cache = out.cache
-    cache.batch_select_indices(samples)  # the prompt's keys/values on each of its samples' rows
-    responses = batch.inputs["input_ids"][:, width:-1]  # [n, T' - 1]: the last token predicts nothing kept
-    rest = model(
-        input_ids=responses,
-        attention_mask=full_mask[:, :-1],  # [n, P + T' - 1]
-        position_ids=positions[..., width:-1],  # [3, n, T' - 1] or [n, T' - 1]
-        cache=cache,
-        use_cache=True,
-    )
+    with cache_through_checkpoints(model):
+        prompt_cache = Cache(layer_class_to_replicate=PromptLayer)
+        out = model(**head, cache=prompt_cache, use_cache=False, logits_to_keep=1)  # our caches, not a new one
+        logits = out.logits[samples]  # [n, 1, V]: predicts each response's first token
+        if batch.width == 1:
+            return logits
+        # the prompt's keys/values on each of its samples' rows (indexing: their gradients add up)
+        cache = Cache(layers=[ReadLayer(layer.keys[samples], layer.values[samples]) for layer in prompt_cache.layers])
+        rest = model(
+            input_ids=batch.inputs["input_ids"][:, width:-1],  # [n, T' - 1]: the last token predicts nothing kept
+            attention_mask=full_mask[:, :-1],  # [n, P + T' - 1]
+            position_ids=positions[..., width:-1],  # [3, n, T' - 1] or [n, T' - 1]
+            cache=cache,
+            use_cache=False,
+        )
     return torch.cat([logits, rest.logits], dim=1)  # [n, T', V]
+
+
+class PromptLayer(DynamicLayer):
+    """A layer's cache in the prompt pass: it holds the keys/values of the pass and is written once, not
+    appended to, so a checkpointed layer replayed in the backward pass writes the same states again."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class ReadLayer(DynamicLayer):
+    """A layer's cache in the response pass: the prompt's keys/values ``[n, heads, P, d]`` in front of the
+    pass's own, nothing stored (a replayed layer reads the same)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
+    """Checkpointed decoder layers keep the cache they are given while inside.
+
+    Transformers drops the cache of a layer it checkpoints under autograd, because a layer that appends to
+    it would append again when the backward pass replays it. ``PromptLayer`` and ``ReadLayer`` give the
+    same result when replayed, so the layers may keep them (``_can_checkpoint_with_cache``).
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            vars(layer).pop("_can_checkpoint_with_cache", None)
 
 
 def budget_slices(
