@@ -8,9 +8,10 @@ questions of ``vlrl.data`` (one image each), ``B`` prompts x ``G`` samples. It m
 
 - rollout tokens/s of vlrl's ``HFEngine`` and, where vLLM is installed, of ``VLLMEngine`` against a
   standalone ``vllm.LLM`` on the same model, prompts and sampling (temperature 1, no top-k/top-p);
-- training tokens/s of the policy forward + backward (vlrl's path: the vision tower once per distinct
-  image per micro-batch) and its MFU, counting ``6 x parameters`` FLOPs per token for the language
-  model and per patch for the vision tower, against ``--peak-tflops`` (H200 / H100 bf16 dense: 989);
+- training sample tokens/s of the policy forward + backward (vlrl's path: the vision tower once per
+  distinct image per micro-batch, each distinct prompt once; and a row per sample) and its MFU, counting
+  ``6 x parameters`` FLOPs per position the language model ran and per patch for the vision tower,
+  against ``--peak-tflops`` (H200 / H100 bf16 dense: 989);
 - the step time: rollout (the faster engine) + training.
 
 Run on a lent GPU (about 5-8 minutes at 7B)::
@@ -145,30 +146,44 @@ def standalone_vllm(model_dir: str, rows: list, group: int, processor: Any, max_
     return seconds, float(tokens)
 
 
-def training(model: Any, rollout: Any, pad_id: int, micro: int, device: str) -> tuple[float, float, float]:
-    """(seconds, trained positions, vision patches) of forward + backward over the rollout in micro-batches."""
+def training(
+    model: Any, rollout: Any, pad_id: int, micro: int, device: str, prompt_once: bool
+) -> tuple[float, float, float, float]:
+    """(seconds, sample tokens, computed positions, vision patches) of forward + backward over the rollout in
+    micro-batches: vlrl's path (the vision tower once per distinct image per micro-batch), each distinct prompt
+    once (``prompt_once_logits``) or a row per sample. Sample tokens are the real prompt + response tokens of
+    the samples; computed positions those the language model ran (fewer when the prompts run once)."""
     from vlrl.algorithms import token_logprobs
-    from vlrl.models.inputs import collate, to_device
+    from vlrl.models.packing import ResponseBatch, mrope_index, prompt_groups, prompt_once_logits
     from vlrl.models.vision import distinct_prompts, with_shared_vision
 
     prompts, ids, mask = rollout
-    positions = patches = 0.0
+    tokens = positions = patches = 0.0
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     sync(device)
     start = time.perf_counter()
     for i in range(0, len(prompts), micro):
         part, part_ids, part_mask = prompts[i : i + micro], ids[i : i + micro], mask[i : i + micro]
-        batch = to_device(collate(part, pad_id, part_ids, part_mask), torch.device(device), model.dtype)
-        positions += float(batch["attention_mask"].sum())
+        batch = ResponseBatch.padded(part, pad_id, part_ids, part_mask).to(torch.device(device), model.dtype)
+        tokens += float(batch.inputs["attention_mask"].sum())
         patches += sum(float(p.media_inputs["pixel_values"].shape[0]) for p in distinct_prompts(part)[0])
+        rows, width = batch.inputs["input_ids"].shape
+        if prompt_once:
+            distinct = len(prompt_groups(part)[0])
+            positions += distinct * (width - batch.width - 1) + rows * batch.width  # prompts but their last token
+        else:
+            positions += rows * width
         with autocast:
-            inputs = with_shared_vision(model, part, batch)
-            logits = model(**inputs, use_cache=False, logits_to_keep=part_ids.shape[1] + 1).logits[:, :-1]
-            logprobs = token_logprobs(logits, part_ids.to(device)) * part_mask.to(device)  # [n, T]
+            if prompt_once:
+                logits = prompt_once_logits(model, batch, part, pad_id, mrope_index(model))
+            else:
+                inputs = with_shared_vision(model, part, batch.inputs)
+                logits = batch.responses(model(**inputs, use_cache=False, logits_to_keep=batch.keep).logits)
+            logprobs = batch.unpack(token_logprobs(logits, batch.targets))  # [n, T]
         logprobs.sum().backward()
     sync(device)
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, positions, patches
+    return time.perf_counter() - start, tokens, positions, patches
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,16 +225,20 @@ def main(argv: list[str] | None = None) -> None:
         rows["rollout HFEngine tokens/s"] = tokens / seconds
         rollout_s = seconds
         out = engine.generate(prompts, sampling, seed=2)
-        seconds, positions, patches = training(
-            model, (prompts, out.response_ids, out.response_mask), engine.pad_id, args.micro_batch_size, args.device
-        )
         vision_params = sum(p.numel() for m in vision_modules(model) for p in m.parameters())
         lm_params = sum(p.numel() for p in model.parameters()) - vision_params
-        flops = 6.0 * (lm_params * positions + vision_params * patches)
-        train_s = seconds
-        rows["train s"] = train_s
-        rows["train tokens/s"] = positions / seconds
-        rows["train MFU"] = flops / seconds / (args.peak_tflops * 1e12)
+        batches = (prompts, out.response_ids, out.response_mask)
+        training(model, batches, engine.pad_id, args.micro_batch_size, args.device, True)  # warm-up, not timed
+        for prompt_once, label in ((True, "train"), (False, "train, a row per sample")):
+            seconds, tokens, positions, patches = training(
+                model, batches, engine.pad_id, args.micro_batch_size, args.device, prompt_once
+            )
+            flops = 6.0 * (lm_params * positions + vision_params * patches)
+            rows[f"{label} s"] = seconds
+            rows[f"{label} sample tokens/s"] = tokens / seconds
+            rows[f"{label} MFU"] = flops / seconds / (args.peak_tflops * 1e12)
+            if prompt_once:
+                train_s = seconds
         vllm_ready = args.device == "cuda" and not args.no_vllm
         if vllm_ready:
             try:

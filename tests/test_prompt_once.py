@@ -54,7 +54,7 @@ def test_prompt_once_equals_a_row_per_sample_and_runs_fewer_positions(loaded):  
     once, once_entropy, once_grads = _run(module, rollout, prompt_once=True)
     counter.handle.remove()
     assert per_sample == 7 * (width + 6)
-    assert counter.positions == 3 * width + 7 * 5  # three prompts, then the responses but their last token
+    assert counter.positions == 3 * (width - 1) + 7 * 6  # three prompts but their last token, then 7 x (it + 5)
     mask = rollout.response_mask
     assert (once * (1 - mask)).abs().max() == 0  # 0 after each response's end
     assert (once - full).abs().max().item() < 1e-5
@@ -145,7 +145,7 @@ def test_prompt_once_under_gradient_checkpointing_equals_a_row_per_sample():
     once, _, once_grads = _run(module, rollout, prompt_once=True)
     counter.handle.remove()
     width = module.model_inputs(rollout).inputs["input_ids"].shape[1] - 6
-    assert counter.positions == 3 * width + 7 * 5  # the hook sits outside the checkpoint: replays are not counted
+    assert counter.positions == 3 * (width - 1) + 7 * 6  # the hook sits outside the checkpoint: replays not counted
     assert (once - full).abs().max().item() < 1e-5
     assert once_grads.keys() == full_grads.keys()
     for key, grad in once_grads.items():
@@ -161,7 +161,7 @@ def test_prompt_groups_by_hand():
     assert prompt_groups([b]) == ([0], [0])
 
 
-def test_a_one_token_response_batch_needs_no_response_pass(loaded):  # noqa: F811
+def test_one_token_responses(loaded):  # noqa: F811
     name, module = loaded
     rollout = hand_rollout(module.processor, name != "tiny:qwen2").select(torch.tensor([5, 5, 5]))  # 1 token each
     assert ResponseBatch.padded(rollout.prompts, 0, rollout.response_ids, rollout.response_mask).width == 1
@@ -172,7 +172,7 @@ def test_a_one_token_response_batch_needs_no_response_pass(loaded):  # noqa: F81
         counter = PositionCounter(module.model)
         once, _ = module.policy_logprobs(module.model, rollout)
         counter.handle.remove()
-    assert counter.positions == rollout.prompts[0].length  # the prompt alone, once
+    assert counter.positions == rollout.prompts[0].length - 1 + 3  # the prompt once, its last token on 3 rows
     assert (once - full).abs().max().item() < 1e-5
 
 

@@ -227,6 +227,7 @@ def test_step_reward_is_the_reasoners_accuracy_on_the_sampled_captions():
 def test_gradients_flow_only_through_caption_tokens():
     """Backward of the RACRO loss reaches the logits that predict caption tokens, and nothing else."""
     module = make_racro(HFReasoner("tiny:qwen2", dtype="float32"))
+    module.prompt_once = False  # one forward over [N, P + T], the layout this test reads at the lm_head
     module.configure_model()
     module.caption_reward.setup(module.device)
     rollout = module.score(module.generate(rows_batch("train", 2), module.sampling, module.group_size))

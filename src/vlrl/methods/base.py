@@ -476,6 +476,8 @@ class RLMethod(PolicyModule):
         """Whether ``policy_logprobs`` runs each distinct prompt of ``batch`` once (``prompt_once``)."""
         if not self.prompt_once or batch.is_packed or len({id(p) for p in prompts}) == len(prompts):
             return False
+        if batch.inputs["input_ids"].shape[1] - batch.width < 2:
+            return False  # a one-token prompt: nothing to run before its last token
         return not is_fsdp1(model)
 
     def model_inputs(

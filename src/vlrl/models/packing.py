@@ -33,8 +33,8 @@ A padded batch can also run each distinct prompt once (``prompt_once_logits``): 
 group share a prompt, so its forward (with the images) runs on one row, its key/value cache is copied
 to the ``G`` rows, and only the responses run on ``G`` rows::
 
-      prompt pass   [pad p p p p]            one row per distinct prompt -> cache, logits of the last p
-      response pass [r r r EOS] x G          reads the copied cache; predicts response tokens 1..T'-1
+      prompt pass   [pad p p p]              one row per distinct prompt, but its last token -> cache
+      response pass [p r r r] x G            reads the copied cache; predicts the response tokens
 
 Under autograd the copies are indexing, so the gradient reaching the prompt pass is the sum over its
 samples, as it is when each sample runs its own prompt. Positions are those the padded batch has.
@@ -233,43 +233,46 @@ def prompt_once_logits(
     """The logits ``[n, T', V]`` at the positions predicting the response tokens of the padded ``batch``
     (what ``batch.responses(model(**batch.inputs).logits)`` gives), with each distinct prompt run once.
 
-    The prompt pass runs the distinct prompts (left-padded to the batch's prompt width, their images
-    through the vision tower once) and keeps their key/value cache; its last position predicts the
-    first response token. The cache rows are copied to the samples, and the response pass runs the
-    responses but their last token, reading it. Positions are the padded batch's own
-    (``padded_positions``), split at the prompt width, so both passes see what one padded pass sees.
-    Under gradient checkpointing the decoder layers keep these caches (``cache_through_checkpoints``).
+    The prompt pass runs the distinct prompts but their last token (left-padded to the batch's prompt
+    width, their images through the vision tower once) and keeps their key/value cache. Its rows are
+    copied to the samples, and the response pass runs each prompt's last token and the response but its
+    last token, reading that cache: its outputs are the ``T'`` predicting positions, in one tensor.
+    Positions are the padded batch's own (``padded_positions``), so both passes see what one padded
+    pass sees. Under gradient checkpointing the decoder layers keep these caches
+    (``cache_through_checkpoints``). A prompt's last token must be text (chat templates end with the
+    assistant header), as in the engine's shared prefill.
     """
     device = batch.inputs["input_ids"].device
     rows, index = prompt_groups(prompts)
     full_mask = batch.inputs["attention_mask"]  # [n, P + T']
-    width = full_mask.shape[1] - batch.width  # P
+    head_width = full_mask.shape[1] - batch.width - 1  # P - 1
     positions = padded_positions(batch, rope)  # [3, n, P + T'] or [n, P + T']
     first = torch.tensor(rows, device=device)  # [B]
     pixels = batch.inputs.get(PIXELS)
     dtype = pixels.dtype if pixels is not None else None  # the media dtype ``ResponseBatch.to`` gave
     head = to_device(collate([prompts[i] for i in rows], pad_id), device, dtype)  # [B, P]
-    if head["input_ids"].shape[1] != width:
-        raise RuntimeError(f"the distinct prompts are {head['input_ids'].shape[1]} tokens wide, the batch's {width}")
+    if head["input_ids"].shape[1] != head_width + 1 or head_width < 1:
+        raise RuntimeError(
+            f"the distinct prompts are {head['input_ids'].shape[1]} tokens wide, the batch's {head_width + 1}; "
+            "a prompt pass needs at least 2 prompt tokens"
+        )
+    head = {k: v[:, :head_width] if k in TOKEN_KEYS else v for k, v in head.items()}  # [B, P - 1]
     head = with_shared_vision(model, [prompts[i] for i in rows], head)
-    head["position_ids"] = positions.index_select(-2, first)[..., :width]  # [3, B, P] or [B, P]
+    head["position_ids"] = positions.index_select(-2, first)[..., :head_width]  # [3, B, P - 1] or [B, P - 1]
     samples = torch.tensor(index, device=device)  # [n]
     with cache_through_checkpoints(model):
         prompt_cache = Cache(layer_class_to_replicate=PromptLayer)
-        out = model(**head, cache=prompt_cache, use_cache=False, logits_to_keep=1)  # our caches, not a new one
-        logits = out.logits[samples]  # [n, 1, V]: predicts each response's first token
-        if batch.width == 1:
-            return logits
+        model(**head, cache=prompt_cache, use_cache=False, logits_to_keep=1)  # our caches, not a new one
         # the prompt's keys/values on each of its samples' rows (indexing: their gradients add up)
         cache = Cache(layers=[ReadLayer(layer.keys[samples], layer.values[samples]) for layer in prompt_cache.layers])
-        rest = model(
-            input_ids=batch.inputs["input_ids"][:, width:-1],  # [n, T' - 1]: the last token predicts nothing kept
+        out = model(
+            input_ids=batch.inputs["input_ids"][:, head_width:-1],  # [n, T']: last prompt token, response but its last
             attention_mask=full_mask[:, :-1],  # [n, P + T' - 1]
-            position_ids=positions[..., width:-1],  # [3, n, T' - 1] or [n, T' - 1]
+            position_ids=positions[..., head_width:-1],  # [3, n, T'] or [n, T']
             cache=cache,
             use_cache=False,
         )
-    return torch.cat([logits, rest.logits], dim=1)  # [n, T', V]
+    return out.logits  # [n, T', V]
 
 
 class PromptLayer(DynamicLayer):
