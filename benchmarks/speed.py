@@ -43,8 +43,8 @@ Run (needs the ``bench`` extra: ``pip install -e .[bench]``)::
     python benchmarks/speed.py --steps 4 --warmup 1 --rounds 2 --profile --out benchmarks/results/speed_after.json
     python benchmarks/speed.py --tiny-vocab --threads 2 --steps 6 --warmup 2
     python benchmarks/speed.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --max-new-tokens 128
-    python benchmarks/speed.py --group-sizes 4 8 --vocabs tiny real --baseline ba0c2c5 --steps 3 --warmup 1 \
-        --rounds 1 --max-new-tokens 64 --out benchmarks/results/speed_work.json   # before/after/TRL table
+    python benchmarks/speed.py --group-sizes 4 8 --vocabs tiny real --baseline ba0c2c5 --packed --steps 3 --warmup 1 \
+        --rounds 2 --max-new-tokens 64 --threads 1 --out benchmarks/results/speed_grid.json   # before/after/TRL table
     python benchmarks/speed.py --tiny-vocab --packed --steps 1 --warmup 1 --rounds 1 --only vlrl   # padded vs packed
 """
 
