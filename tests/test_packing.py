@@ -260,29 +260,39 @@ def test_a_budget_below_one_token_is_named():
         make_module(max_tokens_per_micro_batch=0)
 
 
+def one_grpo_step(**overrides) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The weights and the ``update/`` metrics after one GRPO step with a KL to a reference and TIS (policy,
+    old and reference passes), mini-batches of 4 samples, SGD at lr 0.5."""
+    module = make_module(
+        mini_batch_size=4,
+        kl_coef=0.1,
+        importance_correction="tis",
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        **overrides,
+    )
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(module, datamodule=make_data(batch_size=2))
+    weights = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("update/")}
+    return weights, logged
+
+
+def assert_same_step(step: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    """Two ``one_grpo_step`` results logged the same loss, KL and clip fraction and moved the weights alike."""
+    (weights, logged), (ref_weights, ref_logged) = step, reference
+    for key in ("update/policy_loss", "update/kl_ref", "update/clip_frac"):
+        assert logged[key] == pytest.approx(ref_logged[key], abs=1e-5), key
+    for name, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_a_step_packed_under_a_token_budget_updates_as_the_padded_step():
     """One GRPO step with a KL to a reference and TIS (policy, old and reference passes all packed, cut by a
     token budget) moves the weights as the padded step with fixed micro-batches does."""
-    weights, logged = {}, {}
-    for packing, budget in ((False, None), (True, 170)):  # samples of 47 + 8 tokens: three per forward
-        module = make_module(
-            packing=packing,
-            max_tokens_per_micro_batch=budget,
-            micro_batch_size=2,
-            mini_batch_size=4,
-            kl_coef=0.1,
-            importance_correction="tis",
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-        )
-        trainer = quiet_trainer(max_steps=1)
-        trainer.fit(module, datamodule=make_data(batch_size=2))
-        weights[packing] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-        logged[packing] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("update/")}
-    for key in ("update/policy_loss", "update/kl_ref", "update/clip_frac"):
-        assert logged[True][key] == pytest.approx(logged[False][key], abs=1e-5), key
-    for name, value in weights[True].items():
-        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-5, msg=name)
+    padded = one_grpo_step(micro_batch_size=2)
+    packed = one_grpo_step(packing=True, max_tokens_per_micro_batch=170, micro_batch_size=2)  # 47 + 8: three a forward
+    assert_same_step(packed, padded)
 
 
 UNEVEN_RANKS = """
