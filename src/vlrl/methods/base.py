@@ -41,13 +41,20 @@ from vlrl.methods.core import PolicyModule
 from vlrl.methods.plan import UpdatePlan, plan_update
 from vlrl.models.inputs import encode_prompt
 from vlrl.models.loading import Policy
-from vlrl.models.packing import ResponseBatch, budget_slices, mrope_index, prompt_once_logits, response_lengths
+from vlrl.models.packing import (
+    ResponseBatch,
+    budget_slices,
+    mrope_index,
+    prompt_groups,
+    prompt_once_logits,
+    response_lengths,
+)
 from vlrl.models.sharding import is_fsdp1
 from vlrl.models.vision import with_shared_vision
 from vlrl.rewards import RewardFunction, score
 from vlrl.rewards.runner import FailureStreaks
 from vlrl.rollout import RolloutEngine, Sampling
-from vlrl.types import PromptBatch, Rollout
+from vlrl.types import EncodedPrompt, PromptBatch, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +462,8 @@ class RLMethod(PolicyModule):
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs ``[n, T]`` of the response tokens under ``model`` (and entropies ``[n, T]``), 0 after
-        each response's last real token; from a padded or a packed forward (``packing``), equal either way."""
+        each response's last real token; from a padded forward (each distinct prompt once with ``prompt_once``)
+        or a packed one (``packing``), equal either way."""
         batch = self.model_inputs(rollout, model=model)
         if self.runs_prompts_once(model, batch, rollout.prompts):
             logits = prompt_once_logits(model, batch, rollout.prompts, self.pad_id, mrope_index(model))  # [n, T', V]
@@ -472,10 +480,10 @@ class RLMethod(PolicyModule):
                 entropy = batch.unpack(entropy_from_logits(logits, temperature))  # [n, T]
         return logprobs, entropy
 
-    def runs_prompts_once(self, model: torch.nn.Module, batch: ResponseBatch, prompts: list) -> bool:
+    def runs_prompts_once(self, model: torch.nn.Module, batch: ResponseBatch, prompts: list[EncodedPrompt]) -> bool:
         """Whether ``policy_logprobs`` runs each distinct prompt of ``batch`` once (``prompt_once``)."""
-        if not self.prompt_once or batch.is_packed or len({id(p) for p in prompts}) == len(prompts):
-            return False
+        if not self.prompt_once or batch.is_packed or len(prompt_groups(prompts)[0]) == len(prompts):
+            return False  # off, packed, or no prompt repeats
         if batch.inputs["input_ids"].shape[1] - batch.width < 2:
             return False  # a one-token prompt: nothing to run before its last token
         return not is_fsdp1(model)
