@@ -49,7 +49,7 @@ from vlrl.models.packing import (
     prompt_once_logits,
     response_lengths,
 )
-from vlrl.models.sharding import is_fsdp1
+from vlrl.models.sharding import fsdp_units, is_fsdp1
 from vlrl.models.vision import with_shared_vision
 from vlrl.rewards import RewardFunction, score
 from vlrl.rewards.runner import FailureStreaks
@@ -98,7 +98,7 @@ class RLMethod(PolicyModule):
             (``vlrl.models.packing.prompt_once_logits``): the same log-probs and gradients, without
             ``G - 1`` of every group's prompt forwards (most of a VLM sample's tokens are its prompt's).
             Used where a prompt repeats in a micro-batch, with or without ``gradient_checkpointing``;
-            FSDP1 and ``packing`` run one full row per sample instead.
+            FSDP (1 and 2) and ``packing`` run one full row per sample instead.
         epochs: Passes over each rollout.
         optimizer: Optimizer factory for the trainable parameters.
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
@@ -486,7 +486,9 @@ class RLMethod(PolicyModule):
             return False  # off, packed, or no prompt repeats
         if batch.inputs["input_ids"].shape[1] - batch.width < 2:
             return False  # a one-token prompt: nothing to run before its last token
-        return not is_fsdp1(model)
+        # sharded: the prompt pass's gradient arrives through the cache, not its outputs, where FSDP hooks the
+        # re-gathering of a unit's shards for the backward pass
+        return not fsdp_units(model) and not is_fsdp1(model)
 
     def model_inputs(
         self, rollout: Rollout, dtype: torch.dtype | None = None, model: torch.nn.Module | None = None
