@@ -22,6 +22,7 @@ optimizer first; steps of any further optimizer (a critic's) go through the stra
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import defaultdict
@@ -50,7 +51,7 @@ from vlrl.models.packing import (
     response_lengths,
 )
 from vlrl.models.sharding import fsdp_units, is_fsdp1
-from vlrl.models.vision import with_shared_vision
+from vlrl.models.vision import base_model, with_shared_vision
 from vlrl.rewards import RewardFunction, score
 from vlrl.rewards.runner import FailureStreaks
 from vlrl.rollout import RolloutEngine, Sampling
@@ -486,6 +487,8 @@ class RLMethod(PolicyModule):
             return False  # off, packed, or no prompt repeats
         if batch.inputs["input_ids"].shape[1] - batch.width < 2:
             return False  # a one-token prompt: nothing to run before its last token
+        if "cache" not in inspect.signature(base_model(model).forward).parameters:
+            return False  # transformers before 5 names it past_key_values (the vLLM lane's pinned version)
         # sharded: the prompt pass's gradient arrives through the cache, not its outputs, where FSDP hooks the
         # re-gathering of a unit's shards for the backward pass
         return not fsdp_units(model) and not is_fsdp1(model)
